@@ -1,0 +1,329 @@
+"""The only module that touches ``ffi``/``lib``: typed wrappers over the shim.
+
+Every C function answers ``-errno`` on failure; here that becomes a typed
+:mod:`loopdev.errors` exception carrying the device and backing paths.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
+
+from loopdev import errors
+from loopdev._loopdev_ffi import ffi, lib
+from loopdev.status import LoopInfo
+
+if TYPE_CHECKING:
+    OnOpen = Callable[[int, int], None]
+    OnDiscard = Callable[[int], None]
+
+LOOP_MAJOR: int = lib.LOOP_MAJOR
+LO_NAME_SIZE: int = lib.LO_NAME_SIZE
+LO_FLAGS_READ_ONLY: int = lib.LO_FLAGS_READ_ONLY
+LO_FLAGS_AUTOCLEAR: int = lib.LO_FLAGS_AUTOCLEAR
+LO_FLAGS_PARTSCAN: int = lib.LO_FLAGS_PARTSCAN
+LO_FLAGS_DIRECT_IO: int = lib.LO_FLAGS_DIRECT_IO
+
+LOOP_SET_FD: int = lib.LOOP_SET_FD
+LOOP_CLR_FD: int = lib.LOOP_CLR_FD
+LOOP_SET_STATUS64: int = lib.LOOP_SET_STATUS64
+LOOP_GET_STATUS64: int = lib.LOOP_GET_STATUS64
+LOOP_CHANGE_FD: int = lib.LOOP_CHANGE_FD
+LOOP_SET_CAPACITY: int = lib.LOOP_SET_CAPACITY
+LOOP_SET_DIRECT_IO: int = lib.LOOP_SET_DIRECT_IO
+LOOP_SET_BLOCK_SIZE: int = lib.LOOP_SET_BLOCK_SIZE
+LOOP_CONFIGURE: int = lib.LOOP_CONFIGURE
+LOOP_CTL_ADD: int = lib.LOOP_CTL_ADD
+LOOP_CTL_REMOVE: int = lib.LOOP_CTL_REMOVE
+LOOP_CTL_GET_FREE: int = lib.LOOP_CTL_GET_FREE
+
+BLKFLSBUF: int = lib.BLKFLSBUF
+BLKSSZGET: int = lib.BLKSSZGET
+BLKGETSIZE64: int = lib.BLKGETSIZE64
+BLKGETDISKSEQ: int = lib.BLKGETDISKSEQ
+BLKPG_ADD_PARTITION: int = lib.BLKPG_ADD_PARTITION
+BLKPG_DEL_PARTITION: int = lib.BLKPG_DEL_PARTITION
+
+DIRECT_IO_OFF, DIRECT_IO_TRY, DIRECT_IO_REQUIRED = 0, 1, 2
+
+_STAGE_WHAT = {
+    lib.LD_STAGE_CONTROL: "opening loop-control",
+    lib.LD_STAGE_GET_FREE: "asking loop-control for a free device",
+    lib.LD_STAGE_OPEN: "opening the loop device",
+    lib.LD_STAGE_CHECK: "checking the loop device node",
+    lib.LD_STAGE_LOCK: "locking the loop device",
+    lib.LD_STAGE_CONFIGURE: "binding the backing file (LOOP_CONFIGURE)",
+    lib.LD_STAGE_SET_FD: "binding the backing file (LOOP_SET_FD)",
+    lib.LD_STAGE_SET_STATUS: "setting offset, size limit and flags (LOOP_SET_STATUS64)",
+    lib.LD_STAGE_BLOCK_SIZE: "setting the logical block size (LOOP_SET_BLOCK_SIZE)",
+    lib.LD_STAGE_DIRECT_IO: "enabling direct I/O (LOOP_SET_DIRECT_IO)",
+    lib.LD_STAGE_VERIFY: "checking what the kernel applied",
+    lib.LD_STAGE_EXHAUSTED: "finding a device to configure",
+}
+
+
+def _fail(
+    err: int, what: str, device: str | None, backing: str | None, stage: int = 0
+) -> errors.LoopError:
+    """Pick the typed error for ``-err`` at ``stage``, with an actionable message."""
+    code = -err
+    if stage == lib.LD_STAGE_GET_FREE:
+        return errors.NoFreeDevice(
+            code, f"no loop device is free or can be created ({what})", device=device
+        )
+    if stage == lib.LD_STAGE_EXHAUSTED:
+        return errors.DeviceBusy(
+            code,
+            "every free loop device was taken or busy before it could be configured; "
+            "retries exhausted, try again or reduce the number of concurrent attaches",
+            device=device,
+            backing=backing,
+        )
+    if stage == lib.LD_STAGE_VERIFY:
+        return errors.ConfigureError(
+            code,
+            "the kernel did not apply the requested offset, size limit, flags or block size",
+            device=device,
+            backing=backing,
+        )
+    if stage == lib.LD_STAGE_DIRECT_IO:
+        return errors.BackingFileError(
+            code,
+            "direct I/O was required but the backing file refuses O_DIRECT "
+            "(tmpfs and some file systems do); use direct_io='auto' or False",
+            device=device,
+            backing=backing,
+        )
+    if code == errno.EBUSY:
+        return errors.DeviceBusy(code, f"device busy while {what}", device=device, backing=backing)
+    if stage in (lib.LD_STAGE_CONFIGURE, lib.LD_STAGE_SET_FD) and code in (
+        errno.EBADF,
+        errno.EINVAL,
+        errno.EACCES,
+        errno.EPERM,
+        errno.EROFS,
+    ):
+        return errors.ConfigureError(
+            code,
+            f"the kernel refused {what}: check the block size (512..4096, a power of "
+            "two), the offset and size limit, and that the backing fd is a regular "
+            "file or block device opened with a mode that allows the request",
+            device=device,
+            backing=backing,
+        )
+    return errors.LoopError(code, f"failed {what}", device=device, backing=backing)
+
+
+def check(ret: int, what: str, device: str | None = None, backing: str | None = None) -> int:
+    """Return ``ret`` when non-negative, else raise the typed error for ``-ret``."""
+    if ret < 0:
+        raise _fail(ret, what, device, backing)
+    return ret
+
+
+def ioctl(fd: int, request: int, arg: int = 0, *, device: str | None = None) -> int:
+    """An ioctl whose argument is an integer."""
+    return check(lib.ld_ioctl(fd, request, arg), f"ioctl {request:#x}", device)
+
+
+def get_u64(fd: int, request: int, *, device: str | None = None) -> int:
+    """An ioctl that writes a ``u64`` (``BLKGETSIZE64``, ``BLKGETDISKSEQ``)."""
+    out = ffi.new("uint64_t *")
+    check(lib.ld_get_u64(fd, request, out), f"ioctl {request:#x}", device)
+    return int(out[0])
+
+
+def logical_block_size(fd: int, *, device: str | None = None) -> int:
+    """``BLKSSZGET``."""
+    out = ffi.new("int *")
+    check(lib.ld_get_int(fd, BLKSSZGET, out), "reading the block size", device)
+    return int(out[0])
+
+
+def _bytes(field: Any) -> bytes:
+    return bytes(ffi.buffer(field))
+
+
+def get_status(fd: int, *, device: str | None = None) -> LoopInfo:
+    """``LOOP_GET_STATUS64``; ``ENXIO`` when unbound."""
+    raw = ffi.new("struct loop_info64 *")
+    err = lib.ld_get_status(fd, raw)
+    if err < 0:
+        raise OSError(-err, os.strerror(-err), device)
+    info = LoopInfo()
+    info.lo_device = raw.lo_device
+    info.lo_inode = raw.lo_inode
+    info.lo_rdevice = raw.lo_rdevice
+    info.lo_offset = raw.lo_offset
+    info.lo_sizelimit = raw.lo_sizelimit
+    info.lo_number = raw.lo_number
+    info.lo_encrypt_type = raw.lo_encrypt_type
+    info.lo_encrypt_key_size = raw.lo_encrypt_key_size
+    info.lo_flags = raw.lo_flags
+    info.lo_file_name = _bytes(raw.lo_file_name)
+    info.lo_crypt_name = _bytes(raw.lo_crypt_name)
+    info.lo_encrypt_key = _bytes(raw.lo_encrypt_key)
+    info.lo_init = (raw.lo_init[0], raw.lo_init[1])
+    return info
+
+
+def set_status(fd: int, info: LoopInfo, *, device: str | None = None) -> None:
+    """``LOOP_SET_STATUS64``, retrying the kernel's transient ``EAGAIN``."""
+    raw = ffi.new("struct loop_info64 *")
+    raw.lo_device = info.lo_device
+    raw.lo_inode = info.lo_inode
+    raw.lo_rdevice = info.lo_rdevice
+    raw.lo_offset = info.lo_offset
+    raw.lo_sizelimit = info.lo_sizelimit
+    raw.lo_number = info.lo_number
+    raw.lo_encrypt_type = info.lo_encrypt_type
+    raw.lo_encrypt_key_size = info.lo_encrypt_key_size
+    raw.lo_flags = info.lo_flags
+    raw.lo_file_name = info.lo_file_name[:LO_NAME_SIZE]
+    raw.lo_crypt_name = info.lo_crypt_name[:LO_NAME_SIZE]
+    raw.lo_encrypt_key = info.lo_encrypt_key[: len(raw.lo_encrypt_key)]
+    raw.lo_init = list(info.lo_init)
+    check(lib.ld_set_status(fd, raw), "setting the device status (LOOP_SET_STATUS64)", device)
+
+
+class Config(NamedTuple):
+    """What to configure; ``flags`` are ``LO_FLAGS_*`` (read-only, autoclear, partscan)."""
+
+    offset: int = 0
+    sizelimit: int = 0
+    block_size: int = 0
+    flags: int = 0
+    direct_io: int = DIRECT_IO_OFF
+    file_name: str | None = None
+
+
+def _c_config(config: Config) -> tuple[Any, Any]:
+    """The C config and the name buffer it points to (keep both alive)."""
+    raw = ffi.new("struct ld_config *")
+    name = ffi.NULL
+    if config.file_name is not None:
+        name = ffi.new("char[]", os.fsencode(config.file_name))
+        raw.file_name = name
+    raw.offset = config.offset
+    raw.sizelimit = config.sizelimit
+    raw.block_size = config.block_size
+    raw.flags = config.flags
+    raw.direct_io = config.direct_io
+    return raw, name
+
+
+def configure(
+    dev_fd: int, backing_fd: int, config: Config, *, device: str, backing: str | None = None
+) -> None:
+    """Bind and configure one device; on failure nothing stays bound."""
+    stage = ffi.new("int *")
+    raw, _name = _c_config(config)
+    err = lib.ld_configure(dev_fd, backing_fd, raw, stage)
+    if err < 0:
+        raise _fail(err, _STAGE_WHAT.get(stage[0], "configuring"), device, backing, stage[0])
+
+
+class Attached(NamedTuple):
+    """The outcome of :func:`attach`: the device and how many rounds it took."""
+
+    minor: int
+    fd: int
+    retries: int
+
+
+class _Hooks:
+    __slots__ = ("error", "on_discard", "on_open")
+
+    def __init__(self, on_open: OnOpen, on_discard: OnDiscard) -> None:
+        self.on_open = on_open
+        self.on_discard = on_discard
+        self.error: BaseException | None = None
+
+
+@ffi.def_extern()  # type: ignore[misc]
+def ld_py_on_open(ctx: Any, minor: int, fd: int) -> int:
+    hooks: _Hooks = ffi.from_handle(ctx)
+    try:
+        hooks.on_open(minor, fd)
+    except BaseException as exc:  # handed back to the caller of attach()
+        hooks.error = exc
+        return -1
+    return 0
+
+
+@ffi.def_extern()  # type: ignore[misc]
+def ld_py_on_discard(ctx: Any, fd: int) -> None:
+    hooks: _Hooks = ffi.from_handle(ctx)
+    try:
+        hooks.on_discard(fd)
+    except BaseException as exc:
+        hooks.error = hooks.error or exc
+
+
+def attach(
+    ctl_fd: int,
+    dev_dirfd: int,
+    backing_fd: int,
+    config: Config,
+    *,
+    lock: bool = False,
+    on_open: OnOpen | None = None,
+    on_discard: OnDiscard | None = None,
+    max_attempts: int = 64,
+    timeout: float = 30.0,
+    backing: str | None = None,
+) -> Attached:
+    """Allocate, open, lock and configure a free device in one native call.
+
+    With ``on_open`` the hooks own each device fd the loop opens: ``on_open``
+    adopts it, ``on_discard`` closes it when that device is given up.
+    """
+    req = ffi.new("struct ld_attach_req *")
+    res = ffi.new("struct ld_attach_res *")
+    req.ctl_fd = ctl_fd
+    req.dev_dirfd = dev_dirfd
+    req.backing_fd = backing_fd
+    req.lock = int(lock)
+    req.max_attempts = max_attempts
+    req.timeout_ms = int(timeout * 1000)
+    raw, _name = _c_config(config)
+    req.config = raw[0]
+    hooks = None
+    if on_open is not None:
+        if on_discard is None:
+            raise ValueError("on_open needs on_discard")
+        hooks = _Hooks(on_open, on_discard)
+        handle = ffi.new_handle(hooks)
+        req.on_open = lib.ld_py_on_open
+        req.on_discard = lib.ld_py_on_discard
+        req.ctx = handle
+    err = lib.ld_attach(req, res)
+    if hooks is not None and hooks.error is not None:
+        raise hooks.error
+    if err < 0:
+        device = f"/dev/loop{res.minor}" if res.minor >= 0 else None
+        if res.stage == lib.LD_STAGE_CHECK:
+            raise errors.UnexpectedDevice(res.minor, res.rdev, res.mode)
+        raise _fail(err, _STAGE_WHAT.get(res.stage, "attaching"), device, backing, res.stage)
+    return Attached(res.minor, res.fd, res.retries)
+
+
+def blkpg(dev_fd: int, op: int, pno: int, start: int = 0, length: int = 0, *, device: str) -> None:
+    """``BLKPG`` add or delete of partition ``pno`` (offsets in bytes)."""
+    check(lib.ld_blkpg(dev_fd, op, pno, start, length), f"BLKPG on partition {pno}", device)
+
+
+def force_fallback(on: bool) -> None:
+    """Use ``LOOP_SET_FD`` + ``LOOP_SET_STATUS64`` even where ``LOOP_CONFIGURE`` exists."""
+    lib.ld_force_fallback(int(on))
+
+
+def configure_supported() -> bool | None:
+    """Whether this kernel has ``LOOP_CONFIGURE``; ``None`` before the first configure."""
+    state = int(lib.ld_configure_supported())
+    return None if state < 0 else bool(state)
+
+
+if os.environ.get("LOOPDEV_FORCE_FALLBACK") == "1":
+    force_fallback(True)

@@ -1,0 +1,99 @@
+"""Every error loopdev raises: ``OSError`` subclasses with errno and paths."""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+
+
+class LoopError(OSError):
+    """A loop-device operation failed.
+
+    ``errno`` is the kernel's answer, ``device`` the loop device (if any) and
+    ``backing`` the backing file (if known).
+    """
+
+    def __init__(
+        self,
+        err: int,
+        message: str,
+        *,
+        device: str | None = None,
+        backing: str | None = None,
+    ) -> None:
+        super().__init__(err, message)
+        self.device = device
+        self.backing = backing
+        self.filename = device if device is not None else backing
+
+    def __str__(self) -> str:
+        where = [f"device {self.device}"] if self.device else []
+        if self.backing:
+            where.append(f"file {self.backing}")
+        detail = f" ({', '.join(where)})" if where else ""
+        reason = os.strerror(self.errno) if self.errno else "error"
+        return f"{self.strerror}{detail}: {reason} [errno {self.errno}]"
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # OSError pickles by its args; keep the keyword-only paths too.
+        return (_rebuild, (type(self), self.errno, self.strerror, self.device, self.backing))
+
+
+def _rebuild(
+    cls: type[LoopError], err: int, message: str, device: str | None, backing: str | None
+) -> LoopError:
+    return cls(err, message, device=device, backing=backing)
+
+
+class NoFreeDevice(LoopError):
+    """No loop device could be allocated (all in use, or ``max_loop`` reached)."""
+
+
+class DeviceBusy(LoopError):
+    """The device stayed busy or contended past the retry bound."""
+
+
+class BackingFileError(LoopError):
+    """The backing file cannot back a loop device as asked."""
+
+
+class UnsupportedByKernel(LoopError):
+    """The running kernel refused a feature loopdev needs for this request."""
+
+
+class ConfigureError(LoopError):
+    """The kernel refused or did not apply the requested configuration."""
+
+
+class PartitionTableError(LoopError):
+    """A partition table is malformed; nothing was registered from it."""
+
+    def __init__(self, message: str, *, device: str | None = None, backing: str | None = None):
+        super().__init__(_errno.EINVAL, message, device=device, backing=backing)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_table, (type(self), self.strerror, self.device, self.backing))
+
+
+def _rebuild_table(
+    cls: type[PartitionTableError], message: str, device: str | None, backing: str | None
+) -> PartitionTableError:
+    return cls(message, device=device, backing=backing)
+
+
+class UnexpectedDevice(LoopError):
+    """The node opened as ``loop{minor}`` is not that loop block device."""
+
+    def __init__(self, expected_minor: int, rdev: int, mode: int) -> None:
+        super().__init__(
+            _errno.ENODEV,
+            f"loop{expected_minor} is not block device 7:{expected_minor} "
+            f"(found {os.major(rdev)}:{os.minor(rdev)}, mode {mode:o})",
+            device=f"loop{expected_minor}",
+        )
+        self.expected_minor = expected_minor
+        self.rdev = rdev
+        self.mode = mode
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (UnexpectedDevice, (self.expected_minor, self.rdev, self.mode))
