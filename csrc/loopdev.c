@@ -6,6 +6,7 @@
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
 #endif
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <stdint.h>
@@ -55,7 +56,7 @@ enum ld_stage {
     LD_STAGE_NONE, LD_STAGE_CONTROL, LD_STAGE_GET_FREE, LD_STAGE_OPEN,
     LD_STAGE_CHECK, LD_STAGE_HOOK, LD_STAGE_LOCK, LD_STAGE_CONFIGURE,
     LD_STAGE_SET_FD, LD_STAGE_SET_STATUS, LD_STAGE_BLOCK_SIZE,
-    LD_STAGE_DIRECT_IO, LD_STAGE_VERIFY, LD_STAGE_EXHAUSTED
+    LD_STAGE_DIRECT_IO, LD_STAGE_VERIFY, LD_STAGE_EXHAUSTED, LD_STAGE_PARTITIONS
 };
 
 struct ld_config {
@@ -341,6 +342,43 @@ int ld_configure(int dev_fd, int backing_fd, const struct ld_config *c, int *sta
     return r;
 }
 
+int ld_blkpg(int dev_fd, int op, int pno, long long start, long long length);
+
+/* Partitions added with BLKPG to a device without partscan survive
+ * LOOP_CLR_FD and come back when the minor is bound to another file, now
+ * pointing into it (measured on 6.18). Delete every partition sysfs lists.
+ * Returns how many were deleted, or -errno (EBUSY: one is still open). */
+int ld_del_partitions(int dev_fd, int minor)
+{
+    char path[64], prefix[32];
+    struct dirent *e;
+    size_t plen;
+    int deleted = 0, err = 0;
+    DIR *d;
+
+    snprintf(path, sizeof(path), "/sys/block/loop%d", minor);
+    plen = (size_t)snprintf(prefix, sizeof(prefix), "loop%dp", minor);
+    d = opendir(path);
+    if (!d)
+        return errno == ENOENT ? 0 : neg_errno();
+    while ((e = readdir(d)) != NULL) {
+        char *end;
+        long pno;
+        if (strncmp(e->d_name, prefix, plen) != 0)
+            continue;
+        pno = strtol(e->d_name + plen, &end, 10);
+        if (*end || pno <= 0)
+            continue;
+        int r = ld_blkpg(dev_fd, BLKPG_DEL_PARTITION, (int)pno, 0, 0);
+        if (r == 0 || r == -ENXIO)
+            deleted++;
+        else if (!err)
+            err = r;
+    }
+    closedir(d);
+    return err ? err : deleted;
+}
+
 static int is_loop_node(int fd, int minor, struct ld_attach_res *res)
 {
     struct stat st;
@@ -415,6 +453,14 @@ static int attempt_once(const struct ld_attach_req *req, struct ld_attach_res *r
         discard(req, fd);
         flock(req->ctl_fd, LOCK_UN);
         return res->err == -EWOULDBLOCK ? 1 : res->err;
+    }
+    r = ld_del_partitions(fd, minor);
+    if (r < 0) {
+        res->err = r;
+        res->stage = LD_STAGE_PARTITIONS;
+        discard(req, fd);
+        flock(req->ctl_fd, LOCK_UN);
+        return r;
     }
     r = ld_configure(fd, req->backing_fd, &req->config, &stage);
     flock(req->ctl_fd, LOCK_UN);

@@ -67,7 +67,7 @@ enum ld_stage {
     LD_STAGE_NONE, LD_STAGE_CONTROL, LD_STAGE_GET_FREE, LD_STAGE_OPEN,
     LD_STAGE_CHECK, LD_STAGE_HOOK, LD_STAGE_LOCK, LD_STAGE_CONFIGURE,
     LD_STAGE_SET_FD, LD_STAGE_SET_STATUS, LD_STAGE_BLOCK_SIZE,
-    LD_STAGE_DIRECT_IO, LD_STAGE_VERIFY, LD_STAGE_EXHAUSTED
+    LD_STAGE_DIRECT_IO, LD_STAGE_VERIFY, LD_STAGE_EXHAUSTED, LD_STAGE_PARTITIONS
 };
 
 /* direct_io: 0 leave off, 1 try (ignore refusal), 2 required. */
@@ -115,5 +115,6 @@ int ld_get_int(int fd, unsigned long request, int *out);
 int ld_configure(int dev_fd, int backing_fd, const struct ld_config *config, int *stage);
 int ld_attach(const struct ld_attach_req *req, struct ld_attach_res *res);
 int ld_blkpg(int dev_fd, int op, int pno, long long start, long long length);
+int ld_del_partitions(int dev_fd, int minor);
 void ld_force_fallback(int on);
 int ld_configure_supported(void);

@@ -11,7 +11,7 @@ from loopdev.errors import (
     UnsupportedByKernel,
 )
 
-__all__ = [
+__all__ = [  # noqa: RUF022 - grouped: compat, errors, then the high-level API
     "BackingFileError",
     "ConfigureError",
     "DeviceBusy",
@@ -23,5 +23,33 @@ __all__ = [
     "PartitionTableError",
     "UnexpectedDevice",
     "UnsupportedByKernel",
+    "attach",
+    "devices",
+    "find",
+    "open",
+    "LoopDevice",
+    "DeviceInfo",
 ]
 __version__ = "0.1.0"
+
+# The high-level API loads on first use: it needs dataclasses, which would
+# triple the import time of code that only uses the compatible API.
+_LAZY = {
+    "attach": "attach",
+    "devices": "devices",
+    "find": "find",
+    "open": "open_device",
+    "LoopDevice": "LoopDevice",
+    "DeviceInfo": "DeviceInfo",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        from loopdev import device
+
+        value = getattr(device, _LAZY[name])
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'loopdev' has no attribute {name!r}")
+

@@ -60,6 +60,7 @@ _STAGE_WHAT = {
     lib.LD_STAGE_DIRECT_IO: "enabling direct I/O (LOOP_SET_DIRECT_IO)",
     lib.LD_STAGE_VERIFY: "checking what the kernel applied",
     lib.LD_STAGE_EXHAUSTED: "finding a device to configure",
+    lib.LD_STAGE_PARTITIONS: "deleting partitions a previous attachment left on the device",
 }
 
 
@@ -92,6 +93,14 @@ def _fail(
             code,
             "direct I/O was required but the backing file refuses O_DIRECT "
             "(tmpfs and some file systems do); use direct_io='auto' or False",
+            device=device,
+            backing=backing,
+        )
+    if stage == lib.LD_STAGE_PARTITIONS:
+        return errors.DeviceBusy(
+            code,
+            "a partition left by a previous attachment of this device is still open; "
+            "close or unmount it",
             device=device,
             backing=backing,
         )
@@ -312,6 +321,20 @@ def attach(
 def blkpg(dev_fd: int, op: int, pno: int, start: int = 0, length: int = 0, *, device: str) -> None:
     """``BLKPG`` add or delete of partition ``pno`` (offsets in bytes)."""
     check(lib.ld_blkpg(dev_fd, op, pno, start, length), f"BLKPG on partition {pno}", device)
+
+
+def delete_partitions(dev_fd: int, minor: int) -> int:
+    """Delete every partition of ``loop{minor}`` (BLKPG); returns how many."""
+    return check(
+        lib.ld_del_partitions(dev_fd, minor),
+        "deleting partitions (one may be mounted or open)",
+        f"/dev/loop{minor}",
+    )
+
+
+def lib_clear_fd(dev_fd: int) -> None:
+    """``LOOP_CLR_FD`` for error paths: the failure being handled matters more."""
+    lib.ld_ioctl(dev_fd, LOOP_CLR_FD, 0)
 
 
 def force_fallback(on: bool) -> None:

@@ -13,7 +13,7 @@ import stat
 import time
 from typing import Any, Callable, Optional
 
-from loopdev import _native, sysfs
+from loopdev import _native, core, nodes, sysfs
 from loopdev.errors import UnexpectedDevice
 from loopdev.status import LoopInfo
 
@@ -127,8 +127,11 @@ class Loop:
         _native.ioctl(self.fd, self.LOOP_SET_FD, fd, device=self._path)
 
     def clear_fd(self) -> None:
-        """``LOOP_CLR_FD``; the kernel defers the unbind until the last opener closes."""
-        _native.ioctl(self.fd, self.LOOP_CLR_FD, device=self._path)
+        """Delete the device's partitions, then ``LOOP_CLR_FD``.
+
+        The kernel defers the unbind until the last opener closes.
+        """
+        core.release(self.fd, self.minor)
 
     def clear_fd_wait(self, fd: int, timeout: float, wait: float = 0.1) -> None:
         """Clear, then wait until unbound or bound to a file other than ``fd``'s.
@@ -221,6 +224,7 @@ class Loop:
             offset, sizelimit, blocksize, autoclear, partscan, read_only, file_name=_backing_name(fd)
         )
         _native.configure(self.fd, fd, config, device=self._path, backing=config.file_name)
+        core.finish_attach(self.fd, self.minor, config, config.file_name)
 
     def get_status(self) -> LoopInfo:
         """``LOOP_GET_STATUS64``; ``OSError(ENXIO)`` when unbound."""
@@ -240,10 +244,7 @@ class Loop:
 
     def mknod(self, dir_fd: int, mode: int = 0o600) -> None:
         """Create block node ``loop{minor}`` in ``dir_fd``; remove it before release."""
-        name = f"loop{self.minor}"
-        os.mknod(name, stat.S_IFBLK | 0o600, os.makedev(self.LOOP_MAJOR, self.minor), dir_fd=dir_fd)
-        # mknod honours the umask; the caller asked for exactly these bits.
-        os.chmod(name, stat.S_IMODE(mode), dir_fd=dir_fd)
+        nodes.make_node(dir_fd, f"loop{self.minor}", self.LOOP_MAJOR, self.minor, mode)
 
     @property
     def _path(self) -> str:
@@ -323,8 +324,25 @@ class LoopControl:
         backing = config.file_name
         if setup is None:
             got = _native.attach(ctl, dir_fd, fd, config, lock=lock, backing=backing)
-            return Loop._adopt(got.minor, got.fd, self._dir_fd)
+            lo = Loop._adopt(got.minor, got.fd, self._dir_fd)
+        else:
+            lo = self._attach_with_setup(ctl, dir_fd, fd, config, lock, setup)
+        try:
+            core.finish_attach(lo.fd, lo.minor, config, backing)
+        except BaseException:
+            lo.close()
+            raise
+        return lo
 
+    def _attach_with_setup(
+        self,
+        ctl: int,
+        dir_fd: int,
+        fd: int,
+        config: _native.Config,
+        lock: bool,
+        setup: Callable[[Loop], Any],
+    ) -> Loop:
         current: list[Loop] = []
 
         def on_open(minor: int, dev_fd: int) -> None:
@@ -341,7 +359,7 @@ class LoopControl:
 
         _native.attach(
             ctl, dir_fd, fd, config, lock=lock, on_open=on_open, on_discard=on_discard,
-            backing=backing,
+            backing=config.file_name,
         )
         return current[-1]
 
