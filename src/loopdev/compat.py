@@ -223,6 +223,8 @@ class Loop:
         config = _config_from_kwargs(
             offset, sizelimit, blocksize, autoclear, partscan, read_only, file_name=_backing_name(fd)
         )
+        # Partitions of an earlier binding would point into the new file.
+        _native.delete_partitions(self.fd, self.minor)
         _native.configure(self.fd, fd, config, device=self._path, backing=config.file_name)
         core.finish_attach(self.fd, self.minor, config, config.file_name)
 
