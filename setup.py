@@ -4,6 +4,6 @@ from setuptools import setup
 
 setup(
     cffi_modules=["build_ffi.py:ffibuilder"],
-    # cffi marks its extensions py_limited_api: one wheel serves CPython 3.9+.
-    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+    # cffi marks its extensions py_limited_api: one wheel serves CPython 3.10+.
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )

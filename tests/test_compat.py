@@ -37,8 +37,15 @@ def test_reexports() -> None:
 def test_loopinfo_zero_and_fields() -> None:
     info = LoopInfo()
     for name in (
-        "lo_device", "lo_inode", "lo_rdevice", "lo_offset", "lo_sizelimit", "lo_number",
-        "lo_encrypt_type", "lo_encrypt_key_size", "lo_flags",
+        "lo_device",
+        "lo_inode",
+        "lo_rdevice",
+        "lo_offset",
+        "lo_sizelimit",
+        "lo_number",
+        "lo_encrypt_type",
+        "lo_encrypt_key_size",
+        "lo_flags",
     ):
         assert getattr(info, name) == 0
     assert info.lo_file_name == bytes(64)
@@ -58,7 +65,11 @@ def test_class_constants() -> None:
 
 def test_loop_for_fd_configures(ctl: LoopControl, image_fd: int, configure_path: str) -> None:
     lo = ctl.loop_for_fd(
-        image_fd, offset=1 << 20, sizelimit=4 << 20, blocksize=4096, autoclear=True,
+        image_fd,
+        offset=1 << 20,
+        sizelimit=4 << 20,
+        blocksize=4096,
+        autoclear=True,
         read_only=True,
     )
     try:

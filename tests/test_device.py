@@ -36,7 +36,10 @@ def test_attach_matches_losetup(image: Path) -> None:
         assert entry["back-file"] == str(image)
         info = dev.info()
         assert (info.offset, info.sizelimit, info.read_only, info.block_size) == (
-            1048576, 4194304, True, 4096,
+            1048576,
+            4194304,
+            True,
+            4096,
         )
         assert info.autoclear and info.size == 4194304
         assert info.backing_file == str(image)

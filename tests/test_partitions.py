@@ -42,7 +42,7 @@ def expected_spans(table: dict[str, Any]) -> dict[int, tuple[int, int]]:
     ss = table.get("sectorsize", 512)
     spans = {}
     for part in table["partitions"]:
-        number = int("".join(ch for ch in part["node"][len(table["device"]):] if ch.isdigit()))
+        number = int("".join(ch for ch in part["node"][len(table["device"]) :] if ch.isdigit()))
         size = part["size"] * ss
         if table["label"] == "dos" and part["type"] in ("5", "f", "85"):
             size = max(ss, 1024)  # the kernel registers an extended partition as 1 KiB
@@ -56,8 +56,11 @@ def registered(minor: int) -> dict[int, tuple[int, int]]:
 
 def in_proc_partitions(minor: int) -> list[str]:
     with open("/proc/partitions") as f:
-        return [line.split()[-1] for line in f if line.split()[-1:] and
-                line.split()[-1].startswith(f"loop{minor}p")]
+        return [
+            line.split()[-1]
+            for line in f
+            if line.split()[-1:] and line.split()[-1].startswith(f"loop{minor}p")
+        ]
 
 
 @pytest.fixture
@@ -231,8 +234,12 @@ def test_bad_tables_register_nothing(
         _corrupt(path, 0, os.urandom(64 << 10))
         _corrupt(path, size - (64 << 10), os.urandom(64 << 10))
         _corrupt(path, 510, b"\x55\xaa")
-        _corrupt(path, 446, bytes([0, 1, 1, 0, 0xEE, 0xFE, 0xFF, 0xFF, 1, 0, 0, 0])
-                 + (size // 512 - 1).to_bytes(4, "little"))
+        _corrupt(
+            path,
+            446,
+            bytes([0, 1, 1, 0, 0xEE, 0xFE, 0xFF, 0xFF, 1, 0, 0, 0])
+            + (size // 512 - 1).to_bytes(4, "little"),
+        )
     with pytest.raises(PartitionTableError):
         loopdev.attach(path, partscan=True)
     from conftest import bound_under

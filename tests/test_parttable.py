@@ -38,9 +38,7 @@ SFDISK = shutil.which("sfdisk", path=_TOOL_PATH)
 FDISK = shutil.which("fdisk", path=_TOOL_PATH)
 MKFS_EXT4 = shutil.which("mkfs.ext4", path=_TOOL_PATH)
 MKFS_FAT = shutil.which("mkfs.fat", path=_TOOL_PATH)
-needs_sfdisk = pytest.mark.skipif(
-    SFDISK is None, reason="sfdisk (util-linux) not installed"
-)
+needs_sfdisk = pytest.mark.skipif(SFDISK is None, reason="sfdisk (util-linux) not installed")
 
 LINUX = "0fc63daf-8483-4772-8e79-3d69d8477de4"
 SWAP = "0657fd6d-a4ab-43c4-84e5-0933c84b4f4f"
@@ -319,15 +317,11 @@ MBR_EXPECTED = PartitionTable(
 )
 
 
-def set_mbr_entry(
-    img: Img, sector_lba: int, slot: int, entry: tuple[int, int, int, int]
-) -> None:
+def set_mbr_entry(img: Img, sector_lba: int, slot: int, entry: tuple[int, int, int, int]) -> None:
     boot, ptype, lba, count = entry
     img.write(
         sector_lba * 512 + 446 + 16 * slot,
-        struct.pack(
-            "<B3sB3sII", boot, b"\xfe\xff\xff", ptype, b"\xfe\xff\xff", lba, count
-        ),
+        struct.pack("<B3sB3sII", boot, b"\xfe\xff\xff", ptype, b"\xfe\xff\xff", lba, count),
     )
 
 
@@ -342,9 +336,7 @@ def blank(path: Path, size: int) -> Path:
 
 def run(*argv: str, stdin: str = "") -> str:
     env = {**os.environ, "LC_ALL": "C"}
-    done = subprocess.run(
-        argv, input=stdin, text=True, capture_output=True, env=env, check=False
-    )
+    done = subprocess.run(argv, input=stdin, text=True, capture_output=True, env=env, check=False)
     assert done.returncode == 0, f"{argv}: {done.stderr}"
     return done.stdout
 
@@ -403,9 +395,7 @@ def from_sfdisk(table: SfdiskTable, image: Path) -> tuple[tuple[object, ...], ..
             ptype = f"0x{int(p['type'], 16):02x}"
             if ptype in EXTENDED_TYPES:
                 size = min(size, max(ss, 1024))
-            out.append(
-                (int(match[1]), start, size, ptype, None, None, bool(p.get("bootable")))
-            )
+            out.append((int(match[1]), start, size, ptype, None, None, bool(p.get("bootable"))))
     return tuple(sorted(out))
 
 
@@ -455,9 +445,7 @@ def test_mbr_primaries_extended_logicals_match_sfdisk(tmp_path: Path) -> None:
     # the kernel (and read_table) registers a 1 KiB stub at its start.
     extended = next(p for p in js["partitions"] if p["node"].endswith("3"))
     assert extended["size"] * 512 == 4 * MiB
-    assert table.partitions[2] == Partition(
-        3, extended["start"] * 512, 1024, "0x05", None, None
-    )
+    assert table.partitions[2] == Partition(3, extended["start"] * 512, 1024, "0x05", None, None)
     assert [p.number for p in table.partitions] == [1, 2, 3, 5, 6]
     assert table.partitions[0].bootable and not table.partitions[1].bootable
 
@@ -534,8 +522,7 @@ def test_gpt_4096_byte_sectors(tmp_path: Path) -> None:
 def test_gpt_128_partitions_match_sfdisk(tmp_path: Path) -> None:
     image = blank(tmp_path / "disk.img", 12 * MiB)
     script = "label: gpt\n" + "".join(
-        f'start={2048 + i * 128}, size=128, type=L, name="part{i + 1}"\n'
-        for i in range(128)
+        f'start={2048 + i * 128}, size=128, type=L, name="part{i + 1}"\n' for i in range(128)
     )
     js = sfdisk(image, script)
     table = read_path(image)
@@ -578,9 +565,7 @@ def test_hand_made_gpt(ss: int) -> None:
     ],
 )
 @pytest.mark.parametrize("ss", [512, 4096])
-def test_bad_primary_falls_back_to_backup(
-    ss: int, where: str, offset: int, data: bytes
-) -> None:
+def test_bad_primary_falls_back_to_backup(ss: int, where: str, offset: int, data: bytes) -> None:
     img = gpt_image(ss=ss)
     img.write((ss if where == "header" else 2 * ss) + offset, data)
     assert read_img(img) == gpt_expected(ss=ss)
@@ -677,9 +662,7 @@ def test_bad_gpt_headers(offset: int, value: bytes, message: str) -> None:
     for lba in header_lbas(img, 512):
         img.write(lba * 512 + offset, value)
     fix_gpt_crcs(img, 512)
-    with pytest.raises(
-        PartitionTableError, match=f"both GPT headers are bad.*{message}"
-    ):
+    with pytest.raises(PartitionTableError, match=f"both GPT headers are bad.*{message}"):
         read_img(img)
 
 
@@ -822,9 +805,7 @@ def fat_boot_sector() -> bytes:
     struct.pack_into("<HBHBHHBH", sector, 0x0B, 512, 4, 4, 2, 512, 8192, 0xF8, 8)
     sector[0x26] = 0x29
     sector[0x2B:0x3E] = b"NO NAME    FAT12   "
-    sector[0x1BE:0x1CE] = b"\x00\x01\x01\x00\x83\xfe\xff\xff" + struct.pack(
-        "<II", 1, 100
-    )
+    sector[0x1BE:0x1CE] = b"\x00\x01\x01\x00\x83\xfe\xff\xff" + struct.pack("<II", 1, 100)
     sector[510:512] = b"\x55\xaa"
     return bytes(sector)
 
@@ -846,9 +827,7 @@ def _no_table_image(kind: str) -> Img:
     return img
 
 
-@pytest.mark.parametrize(
-    "kind", ["zeros", "fat", "ext4-like", "boot code", "empty mbr", "aix"]
-)
+@pytest.mark.parametrize("kind", ["zeros", "fat", "ext4-like", "boot code", "empty mbr", "aix"])
 def test_no_partition_table(kind: str) -> None:
     assert read_img(_no_table_image(kind)) is None
 
@@ -861,9 +840,7 @@ def test_fat_rule_is_what_hides_the_fat_entry() -> None:
     img = Img(4 * MiB)
     img.write(0, bytes(sector))
     table = read_img(img)
-    assert table is not None and [(p.number, p.start) for p in table.partitions] == [
-        (1, 512)
-    ]
+    assert table is not None and [(p.number, p.start) for p in table.partitions] == [(1, 512)]
 
 
 def test_tiny_inputs(tmp_path: Path) -> None:
@@ -904,9 +881,7 @@ def test_random_bytes(seed: int) -> None:
         img.write(510, b"\x55\xaa")
         img.write(512, b"EFI PART")
     elif seed % 4 == 3:
-        img.write(
-            446, bytes([0x00, 1, 1, 0, 0x05, 1, 1, 0]) + struct.pack("<II", 1, 2000)
-        )
+        img.write(446, bytes([0x00, 1, 1, 0, 0x05, 1, 1, 0]) + struct.pack("<II", 1, 2000))
         img.write(462, bytes(48))
         img.write(510, b"\x55\xaa")
     try:
@@ -998,11 +973,7 @@ def boundary_lbas(ss: int, size: int = 4 * MiB) -> list[int]:
 
 
 MBR_LBAS = sorted(
-    {
-        v + d
-        for v in (0, 1, 2048, 4096, 6144, 8192, 10240, 12288, 14336, 16384)
-        for d in (-1, 0, 1)
-    }
+    {v + d for v in (0, 1, 2048, 4096, 6144, 8192, 10240, 12288, 14336, 16384) for d in (-1, 0, 1)}
     | {1024, 2047, 3072}
 )
 
@@ -1056,18 +1027,16 @@ def mutations(
     targets: tuple[list[tuple[int, int]], list[tuple[int, int]]], lbas: list[int]
 ) -> st.SearchStrategy[list[Change]]:
     regions, fields_ = targets
-    flip = st.tuples(
-        st.sampled_from(regions), st.integers(0, 1 << 16), st.integers(0, 255)
-    ).map(lambda t: (t[0][0] + t[1] % t[0][1], 1, t[2]))
+    flip = st.tuples(st.sampled_from(regions), st.integers(0, 1 << 16), st.integers(0, 255)).map(
+        lambda t: (t[0][0] + t[1] % t[0][1], 1, t[2])
+    )
     values = (
         st.sampled_from(lbas)
         | st.sampled_from(lbas)
         | st.sampled_from(U32_VALUES + WILD_VALUES)
         | st.integers(0, 2**64 - 1)
     )
-    assign = st.tuples(st.sampled_from(fields_), values).map(
-        lambda t: (t[0][0], t[0][1], t[1])
-    )
+    assign = st.tuples(st.sampled_from(fields_), values).map(lambda t: (t[0][0], t[0][1], t[1]))
     return st.lists(st.one_of(flip, assign, assign), min_size=1, max_size=6)
 
 
@@ -1105,9 +1074,7 @@ def check(img: Img, sector_size: int | None) -> None:
     fix_crcs=st.booleans(),
     read_as=st.sampled_from([None, None, 512, 4096]),
 )
-def test_fuzz_gpt(
-    ss: int, data: st.DataObject, fix_crcs: bool, read_as: int | None
-) -> None:
+def test_fuzz_gpt(ss: int, data: st.DataObject, fix_crcs: bool, read_as: int | None) -> None:
     img = mutate(gpt_base(ss), data.draw(gpt_mutations(ss)))
     if fix_crcs:  # let the mutation through the CRCs to the semantic checks
         fix_gpt_crcs(img, ss)

@@ -11,22 +11,51 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from loopdev._loopdev_ffi import ffi, lib
 
 CONSTANTS = [
-    "LO_NAME_SIZE", "LO_KEY_SIZE", "LOOP_MAJOR", "LO_FLAGS_READ_ONLY", "LO_FLAGS_AUTOCLEAR",
-    "LO_FLAGS_PARTSCAN", "LO_FLAGS_DIRECT_IO", "LOOP_SET_FD", "LOOP_CLR_FD",
-    "LOOP_SET_STATUS64", "LOOP_GET_STATUS64", "LOOP_CHANGE_FD", "LOOP_SET_CAPACITY",
-    "LOOP_SET_DIRECT_IO", "LOOP_SET_BLOCK_SIZE", "LOOP_CONFIGURE", "LOOP_CTL_ADD",
-    "LOOP_CTL_REMOVE", "LOOP_CTL_GET_FREE", "BLKFLSBUF", "BLKSSZGET", "BLKGETSIZE64",
-    "BLKGETDISKSEQ", "BLKPG", "BLKPG_ADD_PARTITION", "BLKPG_DEL_PARTITION",
+    "LO_NAME_SIZE",
+    "LO_KEY_SIZE",
+    "LOOP_MAJOR",
+    "LO_FLAGS_READ_ONLY",
+    "LO_FLAGS_AUTOCLEAR",
+    "LO_FLAGS_PARTSCAN",
+    "LO_FLAGS_DIRECT_IO",
+    "LOOP_SET_FD",
+    "LOOP_CLR_FD",
+    "LOOP_SET_STATUS64",
+    "LOOP_GET_STATUS64",
+    "LOOP_CHANGE_FD",
+    "LOOP_SET_CAPACITY",
+    "LOOP_SET_DIRECT_IO",
+    "LOOP_SET_BLOCK_SIZE",
+    "LOOP_CONFIGURE",
+    "LOOP_CTL_ADD",
+    "LOOP_CTL_REMOVE",
+    "LOOP_CTL_GET_FREE",
+    "BLKFLSBUF",
+    "BLKSSZGET",
+    "BLKGETSIZE64",
+    "BLKGETDISKSEQ",
+    "BLKPG",
+    "BLKPG_ADD_PARTITION",
+    "BLKPG_DEL_PARTITION",
 ]
 STRUCTS = {
     "loop_info64": [
-        "lo_device", "lo_inode", "lo_rdevice", "lo_offset", "lo_sizelimit", "lo_number",
-        "lo_encrypt_type", "lo_encrypt_key_size", "lo_flags", "lo_file_name", "lo_crypt_name",
-        "lo_encrypt_key", "lo_init",
+        "lo_device",
+        "lo_inode",
+        "lo_rdevice",
+        "lo_offset",
+        "lo_sizelimit",
+        "lo_number",
+        "lo_encrypt_type",
+        "lo_encrypt_key_size",
+        "lo_flags",
+        "lo_file_name",
+        "lo_crypt_name",
+        "lo_encrypt_key",
+        "lo_init",
     ],
     "loop_config": ["fd", "block_size", "info"],
     "blkpg_partition": ["start", "length", "pno"],
@@ -40,8 +69,12 @@ def header_values(tmp_path_factory: pytest.TempPathFactory) -> dict[str, int]:
         pytest.skip("no C compiler to read the headers with")
     tmp = tmp_path_factory.mktemp("hdr")
     lines = [
-        "#include <stdio.h>", "#include <stddef.h>", "#include <linux/loop.h>",
-        "#include <linux/fs.h>", "#include <linux/major.h>", "#include <linux/blkpg.h>",
+        "#include <stdio.h>",
+        "#include <stddef.h>",
+        "#include <linux/loop.h>",
+        "#include <linux/fs.h>",
+        "#include <linux/major.h>",
+        "#include <linux/blkpg.h>",
         "int main(void) {",
     ]
     for name in CONSTANTS:

@@ -52,4 +52,3 @@ def __getattr__(name: str) -> object:
         globals()[name] = value
         return value
     raise AttributeError(f"module 'loopdev' has no attribute {name!r}")
-

@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 from loopdev import errors
 from loopdev._loopdev_ffi import ffi, lib
 from loopdev.status import LoopInfo
 
+# Not ``typing.TYPE_CHECKING``: importing typing at run time costs more than
+# the rest of ``import loopdev`` together.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
+
     OnOpen = Callable[[int, int], None]
     OnDiscard = Callable[[int], None]
 
@@ -196,15 +201,26 @@ def set_status(fd: int, info: LoopInfo, *, device: str | None = None) -> None:
     check(lib.ld_set_status(fd, raw), "setting the device status (LOOP_SET_STATUS64)", device)
 
 
-class Config(NamedTuple):
+class Config:
     """What to configure; ``flags`` are ``LO_FLAGS_*`` (read-only, autoclear, partscan)."""
 
-    offset: int = 0
-    sizelimit: int = 0
-    block_size: int = 0
-    flags: int = 0
-    direct_io: int = DIRECT_IO_OFF
-    file_name: str | None = None
+    __slots__ = ("block_size", "direct_io", "file_name", "flags", "offset", "sizelimit")
+
+    def __init__(
+        self,
+        offset: int = 0,
+        sizelimit: int = 0,
+        block_size: int = 0,
+        flags: int = 0,
+        direct_io: int = DIRECT_IO_OFF,
+        file_name: str | None = None,
+    ) -> None:
+        self.offset = offset
+        self.sizelimit = sizelimit
+        self.block_size = block_size
+        self.flags = flags
+        self.direct_io = direct_io
+        self.file_name = file_name
 
 
 def _c_config(config: Config) -> tuple[Any, Any]:
@@ -233,12 +249,15 @@ def configure(
         raise _fail(err, _STAGE_WHAT.get(stage[0], "configuring"), device, backing, stage[0])
 
 
-class Attached(NamedTuple):
-    """The outcome of :func:`attach`: the device and how many rounds it took."""
+class Attached:
+    """The outcome of :func:`attach`: the device fd and how many extra rounds it took."""
 
-    minor: int
-    fd: int
-    retries: int
+    __slots__ = ("fd", "minor", "retries")
+
+    def __init__(self, minor: int, fd: int, retries: int) -> None:
+        self.minor = minor
+        self.fd = fd
+        self.retries = retries
 
 
 class _Hooks:
@@ -250,7 +269,7 @@ class _Hooks:
         self.error: BaseException | None = None
 
 
-@ffi.def_extern()  # type: ignore[misc]
+@ffi.def_extern()  # type: ignore[untyped-decorator]
 def ld_py_on_open(ctx: Any, minor: int, fd: int) -> int:
     hooks: _Hooks = ffi.from_handle(ctx)
     try:
@@ -261,7 +280,7 @@ def ld_py_on_open(ctx: Any, minor: int, fd: int) -> int:
     return 0
 
 
-@ffi.def_extern()  # type: ignore[misc]
+@ffi.def_extern()  # type: ignore[untyped-decorator]
 def ld_py_on_discard(ctx: Any, fd: int) -> None:
     hooks: _Hooks = ffi.from_handle(ctx)
     try:

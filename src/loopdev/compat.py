@@ -11,11 +11,16 @@ import fcntl
 import os
 import stat
 import time
-from typing import Any, Callable, Optional
 
 from loopdev import _native, core, nodes, sysfs
 from loopdev.errors import UnexpectedDevice
 from loopdev.status import LoopInfo
+
+TYPE_CHECKING = False  # typing is costly to import at run time
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
+
 
 __all__ = ["Loop", "LoopControl", "LoopInfo", "UnexpectedDevice"]
 
@@ -68,7 +73,7 @@ class Loop:
     fd: int
     minor: int
     devname: str
-    on_close: Optional[Callable[[Loop], Any]]
+    on_close: Callable[[Loop], Any] | None
 
     def __init__(self, minor: int, dir_fd: int | None = None) -> None:
         self.fd = -1
@@ -220,8 +225,9 @@ class Loop:
         read_only: bool | None = None,
     ) -> None:
         """Bind to ``fd`` and configure in one step (``LOOP_CONFIGURE``, or its fallback)."""
+        name = _backing_name(fd)
         config = _config_from_kwargs(
-            offset, sizelimit, blocksize, autoclear, partscan, read_only, file_name=_backing_name(fd)
+            offset, sizelimit, blocksize, autoclear, partscan, read_only, file_name=name
         )
         # Partitions of an earlier binding would point into the new file.
         _native.delete_partitions(self.fd, self.minor)
@@ -360,7 +366,13 @@ class LoopControl:
             current.pop().close()
 
         _native.attach(
-            ctl, dir_fd, fd, config, lock=lock, on_open=on_open, on_discard=on_discard,
+            ctl,
+            dir_fd,
+            fd,
+            config,
+            lock=lock,
+            on_open=on_open,
+            on_discard=on_discard,
             backing=config.file_name,
         )
         return current[-1]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from loopdev import _native
 
-from loopdev import _native, partitions
+TYPE_CHECKING = False  # typing is costly to import at run time
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 
 def finish_attach(dev_fd: int, minor: int, config: _native.Config, backing: str | None) -> None:
@@ -15,6 +17,8 @@ def finish_attach(dev_fd: int, minor: int, config: _native.Config, backing: str 
     """
     if not config.flags & _native.LO_FLAGS_PARTSCAN:
         return
+    from loopdev import partitions  # the table reader loads only when needed
+
     try:
         partitions.ensure_registered(dev_fd, minor, backing)
     except BaseException:

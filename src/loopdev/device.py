@@ -16,10 +16,14 @@ from loopdev.errors import BackingFileError, ConfigureError, DeviceBusy, LoopErr
 __all__ = ["DeviceInfo", "LoopDevice", "attach", "devices", "find", "open_device"]
 
 Backing = Union[str, "os.PathLike[str]", int]
-DirectIO = Union[bool, Literal["auto"]]
+DirectIO = bool | Literal["auto"]
 
 _BLOCK_SIZES = (512, 1024, 2048, 4096)
-_DIO = {False: _native.DIRECT_IO_OFF, "auto": _native.DIRECT_IO_TRY, True: _native.DIRECT_IO_REQUIRED}
+_DIO = {
+    False: _native.DIRECT_IO_OFF,
+    "auto": _native.DIRECT_IO_TRY,
+    True: _native.DIRECT_IO_REQUIRED,
+}
 
 
 @dataclass(frozen=True)
@@ -244,17 +248,20 @@ def _validate(
         raise ConfigureError(errno.EINVAL, f"offset {offset} is negative", backing=where)
     if sizelimit < 0 or sizelimit % 512:
         raise ConfigureError(
-            errno.EINVAL, f"size limit {sizelimit} is not a non-negative multiple of 512",
+            errno.EINVAL,
+            f"size limit {sizelimit} is not a non-negative multiple of 512",
             backing=where,
         )
     if block_size is not None and block_size not in _BLOCK_SIZES:
         raise ConfigureError(
-            errno.EINVAL, f"block size {block_size} is not a power of two in 512..4096",
+            errno.EINVAL,
+            f"block size {block_size} is not a power of two in 512..4096",
             backing=where,
         )
     if direct_io not in _DIO:
         raise ConfigureError(
-            errno.EINVAL, f"direct_io must be True, False or 'auto', not {direct_io!r}",
+            errno.EINVAL,
+            f"direct_io must be True, False or 'auto', not {direct_io!r}",
             backing=where,
         )
 
@@ -267,9 +274,7 @@ def _open_backing(backing: Backing, read_only: bool) -> tuple[int, str, bool]:
         try:
             path = os.readlink(f"/proc/self/fd/{backing}")
         except OSError:
-            raise BackingFileError(
-                errno.EBADF, f"file descriptor {backing} is not open"
-            ) from None
+            raise BackingFileError(errno.EBADF, f"file descriptor {backing} is not open") from None
         return backing, path, False
     path = os.path.abspath(os.fspath(backing))
     try:
@@ -308,7 +313,8 @@ def _check_backing(fd: int, path: str, offset: int, read_only: bool) -> os.stat_
     size = st.st_size if stat.S_ISREG(st.st_mode) else os.lseek(fd, 0, os.SEEK_END)
     if offset >= size:
         raise BackingFileError(
-            errno.EINVAL, f"offset {offset} is at or past the end of the file ({size} bytes)",
+            errno.EINVAL,
+            f"offset {offset} is at or past the end of the file ({size} bytes)",
             backing=path,
         )
     if not read_only:
@@ -318,7 +324,8 @@ def _check_backing(fd: int, path: str, offset: int, read_only: bool) -> os.stat_
             )
         if stat.S_ISREG(st.st_mode) and not st.st_mode & 0o222:
             raise BackingFileError(
-                errno.EACCES, "backing file has no write permission; pass read_only=True",
+                errno.EACCES,
+                "backing file has no write permission; pass read_only=True",
                 backing=path,
             )
     return st

@@ -88,7 +88,11 @@ def ensure_registered(dev_fd: int, minor: int, backing: str | None = None) -> in
     try:
         for part in table.partitions:
             _native.blkpg(
-                dev_fd, _native.BLKPG_ADD_PARTITION, part.number, part.start, part.size,
+                dev_fd,
+                _native.BLKPG_ADD_PARTITION,
+                part.number,
+                part.start,
+                part.size,
                 device=device,
             )
             added += 1
@@ -112,8 +116,10 @@ def wait_for_nodes(parts: list[PartitionDevice], timeout: float = 5.0) -> None:
                 pass
             if time.monotonic() >= deadline:
                 raise LoopError(
-                    2, f"no device node appeared for {part.name} within {timeout:g} s "
-                    "(no devtmpfs? use a private node directory)", device=part.path,
+                    2,
+                    f"no device node appeared for {part.name} within {timeout:g} s "
+                    "(no devtmpfs? use a private node directory)",
+                    device=part.path,
                 )
             time.sleep(delay)
             delay = min(delay * 2, 0.01)

@@ -231,9 +231,7 @@ def read_table(
     open.
     """
     if sector_size is not None and sector_size not in _SECTOR_SIZES:
-        raise ValueError(
-            f"sector_size must be one of {_SECTOR_SIZES}, not {sector_size!r}"
-        )
+        raise ValueError(f"sector_size must be one of {_SECTOR_SIZES}, not {sector_size!r}")
     if size < 512:
         return None
     disk = _Disk(fd, size, path)
@@ -424,9 +422,7 @@ def _probe_gpt_sector_size(disk: _Disk) -> int:
     )
 
 
-_Header = tuple[
-    bytes, int, int, int, int, int, int, int, int, bytes, int, int, int, int
-]
+_Header = tuple[bytes, int, int, int, int, int, int, int, int, bytes, int, int, int, int]
 
 
 def _gpt_header(disk: _Disk, ss: int, lba: int, last_lba: int) -> _Header:
@@ -463,32 +459,22 @@ def _gpt_header(disk: _Disk, ss: int, lba: int, last_lba: int) -> _Header:
         raise _Invalid(f"header claims to be at LBA {my_lba}")
     if not 2 <= first_usable <= last_usable <= last_lba:
         raise _Invalid(
-            f"usable LBAs {first_usable}..{last_usable} do not fit in "
-            f"LBAs 2..{last_lba}"
+            f"usable LBAs {first_usable}..{last_usable} do not fit in LBAs 2..{last_lba}"
         )
     if first_usable <= lba <= last_usable:
         raise _Invalid(
-            f"header LBA {lba} lies inside the usable LBAs "
-            f"{first_usable}..{last_usable}"
+            f"header LBA {lba} lies inside the usable LBAs {first_usable}..{last_usable}"
         )
     if entry_size < _GPT_ENTRY_MIN or entry_size % 8:
-        raise _Invalid(
-            f"entry size {entry_size} is not a multiple of 8 of at least 128"
-        )
+        raise _Invalid(f"entry size {entry_size} is not a multiple of 8 of at least 128")
     if count > _GPT_MAX_ENTRIES or count * entry_size > _GPT_MAX_ARRAY:
-        raise _Invalid(
-            f"{count} entries of {entry_size} bytes is an absurd entry array"
-        )
+        raise _Invalid(f"{count} entries of {entry_size} bytes is an absurd entry array")
     if count:
         end_lba = entries_lba + (count * entry_size + ss - 1) // ss  # exclusive
         if entries_lba < 2 or end_lba - 1 > last_lba:
-            raise _Invalid(
-                f"entry array at LBAs {entries_lba}..{end_lba - 1} is off the device"
-            )
+            raise _Invalid(f"entry array at LBAs {entries_lba}..{end_lba - 1} is off the device")
         if entries_lba <= lba < end_lba:
-            raise _Invalid(
-                f"entry array at LBAs {entries_lba}..{end_lba - 1} covers the header"
-            )
+            raise _Invalid(f"entry array at LBAs {entries_lba}..{end_lba - 1} covers the header")
         if entries_lba <= last_usable and first_usable < end_lba:
             raise _Invalid(
                 f"entry array at LBAs {entries_lba}..{end_lba - 1} overlaps the usable "
@@ -506,9 +492,7 @@ def _gpt_array(disk: _Disk, ss: int, header: _Header) -> bytes:
         raise _Invalid("entry array is truncated")
     crc = zlib.crc32(raw)
     if crc != entries_crc:
-        raise _Invalid(
-            f"entry array CRC32 is 0x{entries_crc:08x}, computed 0x{crc:08x}"
-        )
+        raise _Invalid(f"entry array CRC32 is 0x{entries_crc:08x}, computed 0x{crc:08x}")
     return raw
 
 
@@ -530,8 +514,7 @@ def _gpt_table(disk: _Disk, ss: int, header: _Header, array: bytes) -> Partition
         first, last, name = unpack(array, offset)
         if last < first:
             raise disk.error(
-                f"GPT partition {number} ends at LBA {last}, "
-                f"before its first LBA {first}"
+                f"GPT partition {number} ends at LBA {last}, before its first LBA {first}"
             )
         if (last + 1) * ss > size:
             raise disk.error(
@@ -545,8 +528,7 @@ def _gpt_table(disk: _Disk, ss: int, header: _Header, array: bytes) -> Partition
             )
         if last > last_usable:
             raise disk.error(
-                f"GPT partition {number} ends at LBA {last}, "
-                f"past the last usable LBA {last_usable}"
+                f"GPT partition {number} ends at LBA {last}, past the last usable LBA {last_usable}"
             )
         ptype = types.get(raw_type)
         if ptype is None:
@@ -583,27 +565,21 @@ def _format_guid(raw: bytes) -> str:
 _MbrEntry = tuple[int, int, int, int]  # boot flag, type, first LBA, sectors
 
 
-def _read_mbr(
-    disk: _Disk, mbr: bytes, entries: list[_MbrEntry], ss: int
-) -> PartitionTable:
+def _read_mbr(disk: _Disk, mbr: bytes, entries: list[_MbrEntry], ss: int) -> PartitionTable:
     size = disk.size
     primaries: list[tuple[Partition, bool]] = []  # (partition, is extended)
     for slot, (boot, ptype, lba, count) in enumerate(entries, 1):
         if not count:
             continue  # empty slot; like the kernel, its number is not reused
         if not lba:
-            raise disk.error(
-                f"MBR partition {slot} starts at sector 0, on top of the MBR"
-            )
+            raise disk.error(f"MBR partition {slot} starts at sector 0, on top of the MBR")
         start, length = lba * ss, count * ss
         if start + length > size:
             raise disk.error(
                 f"MBR partition {slot} ends at byte {start + length}, past the end "
                 f"of the device ({size} bytes)"
             )
-        part = Partition(
-            slot, start, length, f"0x{ptype:02x}", None, None, boot == 0x80
-        )
+        part = Partition(slot, start, length, f"0x{ptype:02x}", None, None, boot == 0x80)
         primaries.append((part, ptype in _EXTENDED_TYPES))
     # Extended partitions take part with their full extent here.
     _check_overlaps(disk, [(p.start, p.start + p.size, p.number) for p, _ in primaries])
@@ -628,23 +604,17 @@ def _read_mbr(
         if logicals:
             stub = min(stub, min(p.start for p in logicals) - part.start)
         result.append(
-            Partition(
-                part.number, part.start, stub, part.type, None, None, part.bootable
-            )
+            Partition(part.number, part.start, stub, part.type, None, None, part.bootable)
         )
     result.sort(key=_number)
-    return PartitionTable(
-        "dos", ss, f"0x{_U32.unpack_from(mbr, 440)[0]:08x}", tuple(result)
-    )
+    return PartitionTable("dos", ss, f"0x{_U32.unpack_from(mbr, 440)[0]:08x}", tuple(result))
 
 
 def _number(part: Partition) -> int:
     return part.number
 
 
-def _read_logicals(
-    disk: _Disk, extended: Partition, ss: int, number: int
-) -> list[Partition]:
+def _read_logicals(disk: _Disk, extended: Partition, ss: int, number: int) -> list[Partition]:
     """Follow the EBR chain of ``extended``; logicals are numbered from ``number``.
 
     Each EBR holds the logical partition (relative to the EBR) and a link to
@@ -662,21 +632,17 @@ def _read_logicals(
     while True:
         if ebr in seen:
             raise disk.error(
-                f"EBR chain of extended partition {extended.number} "
-                f"loops back to byte {ebr}"
+                f"EBR chain of extended partition {extended.number} loops back to byte {ebr}"
             )
         if len(seen) >= _MAX_EBRS:
-            raise disk.error(
-                f"extended partition {extended.number} has more than {_MAX_EBRS} EBRs"
-            )
+            raise disk.error(f"extended partition {extended.number} has more than {_MAX_EBRS} EBRs")
         seen.add(ebr)
         sector = disk.read(ebr, 512)
         if sector[510:512] != _MBR_MAGIC:
             if ebr == ext_start and not any(sector):
                 break  # never-written container: no logical partitions
             raise disk.error(
-                f"EBR at byte {ebr} in extended partition {extended.number} "
-                "has no 0x55AA signature"
+                f"EBR at byte {ebr} in extended partition {extended.number} has no 0x55AA signature"
             )
         # An EBR sector is part of the table: no logical may cover it.
         spans.append((ebr, ebr + ss, -1))
@@ -691,14 +657,10 @@ def _read_logicals(
                     link = entry
                 continue
             start, length = ebr + lba * ss, count * ss
-            if slot >= 2 and (
-                lba * ss + length > link_size or start + length > ext_end
-            ):
+            if slot >= 2 and (lba * ss + length > link_size or start + length > ext_end):
                 continue  # kernel: slots 3 and 4 "sometimes contain random garbage"
             if not lba:
-                raise disk.error(
-                    f"logical partition {number} starts on its own EBR at byte {ebr}"
-                )
+                raise disk.error(f"logical partition {number} starts on its own EBR at byte {ebr}")
             if start + length > ext_end:
                 raise disk.error(
                     f"logical partition {number} (bytes {start}..{start + length - 1}) "
@@ -706,9 +668,7 @@ def _read_logicals(
                     f"(bytes {ext_start}..{ext_end - 1})"
                 )
             logicals.append(
-                Partition(
-                    number, start, length, f"0x{ptype:02x}", None, None, boot == 0x80
-                )
+                Partition(number, start, length, f"0x{ptype:02x}", None, None, boot == 0x80)
             )
             spans.append((start, start + length, number))
             number += 1
