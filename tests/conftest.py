@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -58,10 +59,22 @@ def bound_under(prefix: str) -> list[str]:
     return found
 
 
+def wait_unbound(prefix: str, timeout: float = 3.0) -> list[str]:
+    """Devices still bound below ``prefix`` after up to ``timeout`` seconds.
+
+    A device cleared while another process has it open (a prober, losetup,
+    a parallel test run) is released when that process closes it.
+    """
+    deadline = time.monotonic() + timeout
+    while (left := bound_under(prefix)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return left
+
+
 @pytest.fixture(autouse=True)
 def _no_leaked_devices(tmp_path: Path) -> Iterator[None]:
     yield
-    leaked = bound_under(str(tmp_path))
+    leaked = wait_unbound(str(tmp_path))
     for name in leaked:  # clean up so one leak does not cascade
         subprocess.run(["losetup", "-d", f"/dev/{name}"], check=False)
     assert not leaked, f"test left loop devices bound: {leaked}"

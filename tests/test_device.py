@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import bound_under
+from conftest import bound_under, wait_unbound
 
 import loopdev
 from loopdev import BackingFileError, ConfigureError, LoopError
@@ -144,7 +144,7 @@ def test_direct_io_auto_and_required(tmp_path: Path, devices: None) -> None:
                 loopdev.attach(shm, direct_io=True)
         with loopdev.attach(shm, direct_io=False) as dev:
             assert not dev.info().direct_io
-        assert bound_under(str(shm)) == []
+        assert wait_unbound(str(shm)) == []
     finally:
         shm.unlink()
 
@@ -199,4 +199,4 @@ def test_bad_input(
     assert isinstance(exc.value, OSError)
     if isinstance(backing, str):
         assert backing in str(exc.value)
-    assert bound_under(str(tmp_path)) == []
+    assert wait_unbound(str(tmp_path)) == []

@@ -242,6 +242,6 @@ def test_bad_tables_register_nothing(
         )
     with pytest.raises(PartitionTableError):
         loopdev.attach(path, partscan=True)
-    from conftest import bound_under
+    from conftest import wait_unbound
 
-    assert bound_under(str(path)) == []
+    assert wait_unbound(str(path)) == []

@@ -7,7 +7,7 @@ import os
 import threading
 from pathlib import Path
 
-from conftest import bound_under
+from conftest import wait_unbound
 
 from loopdev import LoopControl
 
@@ -50,7 +50,7 @@ def test_eight_processes(tmp_path: Path, devices: None) -> None:
     with multiprocessing.get_context("fork").Pool(8) as pool:
         failures = pool.starmap(_cycles, [(p, CYCLES) for p in paths])
     assert failures == [0] * 8
-    assert bound_under(str(tmp_path)) == []
+    assert wait_unbound(str(tmp_path)) == []
 
 
 def test_eight_threads(tmp_path: Path, devices: None) -> None:
@@ -64,4 +64,4 @@ def test_eight_threads(tmp_path: Path, devices: None) -> None:
     for t in threads:
         t.join()
     assert results == [0] * 8
-    assert bound_under(str(tmp_path)) == []
+    assert wait_unbound(str(tmp_path)) == []

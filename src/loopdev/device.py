@@ -90,23 +90,22 @@ def devices() -> list[DeviceInfo]:
 
 
 def find(path: str | os.PathLike[str], offset: int | None = None) -> list[DeviceInfo]:
-    """Devices backed by ``path`` (same device and inode), optionally at ``offset``."""
+    """Devices backed by ``path`` (same device and inode), optionally at ``offset``.
+
+    Reads sysfs only: opening each device to ask LOOP_GET_STATUS64 would
+    delay the release of devices that their owners are detaching.
+    """
     st = os.stat(path)
     found = []
     for info in devices():
         try:
-            fd = os.open(info.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+            other = os.stat(info.backing_file)
         except OSError:
-            continue  # in rundown or gone since listing
-        try:
-            status = _native.get_status(fd, device=info.path)
-        except OSError:
+            continue  # unlinked (" (deleted)") or unreachable: not this path's inode
+        if (other.st_dev, other.st_ino) != (st.st_dev, st.st_ino):
             continue
-        finally:
-            os.close(fd)
-        if status.lo_device == st.st_dev and status.lo_inode == st.st_ino:
-            if offset is None or status.lo_offset == offset:
-                found.append(info)
+        if offset is None or info.offset == offset:
+            found.append(info)
     return found
 
 
