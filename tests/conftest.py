@@ -46,15 +46,16 @@ def devices(_device_reason: str | None) -> None:
 
 
 def bound_under(prefix: str) -> list[str]:
-    """Loop devices whose backing file lies below ``prefix``."""
+    """Loop devices whose backing file lies below the directory ``prefix``."""
+    want = os.fsencode(prefix.rstrip("/") + "/")
     found = []
     for name in os.listdir("/sys/block"):
         try:
-            with open(f"/sys/block/{name}/loop/backing_file") as f:
+            with open(f"/sys/block/{name}/loop/backing_file", "rb") as f:
                 backing = f.read().strip()
         except OSError:
             continue
-        if backing.startswith(prefix):
+        if backing.startswith(want) or backing + b"/" == want:
             found.append(name)
     return found
 
@@ -77,6 +78,7 @@ def _no_leaked_devices(tmp_path: Path) -> Iterator[None]:
     leaked = wait_unbound(str(tmp_path))
     for name in leaked:  # clean up so one leak does not cascade
         subprocess.run(["losetup", "-d", f"/dev/{name}"], check=False)
+    wait_unbound(str(tmp_path))
     assert not leaked, f"test left loop devices bound: {leaked}"
 
 

@@ -32,6 +32,11 @@ __all__ = [  # noqa: RUF022 - grouped: compat, errors, then the high-level API
 ]
 __version__ = "0.1.0"
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from loopdev.device import DeviceInfo, LoopDevice, attach, devices, find
+    from loopdev.device import open_device as open
+
 # The high-level API loads on first use: it needs dataclasses, which would
 # triple the import time of code that only uses the compatible API.
 _LAZY = {

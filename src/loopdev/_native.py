@@ -136,9 +136,17 @@ def check(ret: int, what: str, device: str | None = None, backing: str | None = 
     return ret
 
 
+_IOCTL_NAMES = {
+    value: name
+    for name, value in list(globals().items())
+    if name.startswith(("LOOP_", "BLK")) and isinstance(value, int)
+}
+
+
 def ioctl(fd: int, request: int, arg: int = 0, *, device: str | None = None) -> int:
     """An ioctl whose argument is an integer."""
-    return check(lib.ld_ioctl(fd, request, arg), f"ioctl {request:#x}", device)
+    what = _IOCTL_NAMES.get(request, f"ioctl {request:#x}")
+    return check(lib.ld_ioctl(fd, request, arg), what, device)
 
 
 def get_u64(fd: int, request: int, *, device: str | None = None) -> int:

@@ -70,8 +70,10 @@ def device_info(name: str) -> DeviceInfo | None:
             block_size=sysfs.read_int(name, "queue/logical_block_size"),
             size=sysfs.read_int(name, "size") * 512,
         )
-    except FileNotFoundError:
-        return None  # unbound while we read
+    except OSError as exc:
+        if sysfs.is_gone(exc):
+            return None  # unbound while we read
+        raise
 
 
 def _loop_names() -> list[str]:

@@ -16,7 +16,7 @@ from typing import NamedTuple
 from loopdev import _native
 from loopdev.errors import LoopError
 from loopdev.parttable import read_table
-from loopdev.sysfs import SYS_BLOCK
+from loopdev.sysfs import SYS_BLOCK, is_gone
 
 SECTOR = 512  # sysfs start and size are in 512-byte sectors whatever the block size
 
@@ -47,8 +47,10 @@ def list_partitions(name: str) -> list[PartitionDevice]:
     found = []
     try:
         entries = os.listdir(base)
-    except FileNotFoundError:
-        return []
+    except OSError as exc:
+        if is_gone(exc):
+            return []
+        raise
     for entry in entries:
         if not entry.startswith(f"{name}p"):
             continue
@@ -64,7 +66,9 @@ def list_partitions(name: str) -> list[PartitionDevice]:
                     name=entry,
                 )
             )
-        except FileNotFoundError:
+        except OSError as exc:
+            if not is_gone(exc):
+                raise
             continue  # deleted while we looked
     return sorted(found)
 

@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import time
+
+# Reading an attribute of a device unbound (or removed) under us answers
+# ENODEV or ENXIO on 6.x, not only ENOENT.
+_GONE = (errno.ENOENT, errno.ENOTDIR, errno.ENODEV, errno.ENXIO)
+
+
+def is_gone(exc: OSError) -> bool:
+    """Whether ``exc`` means the device went away while we read it."""
+    return exc.errno in _GONE
 
 SYS_BLOCK = "/sys/block"
 
@@ -16,8 +26,10 @@ def backing_file(name: str) -> str | None:
     try:
         with open(f"{SYS_BLOCK}/{name}/loop/backing_file", "rb") as f:
             raw = f.read()
-    except (FileNotFoundError, NotADirectoryError):
-        return None
+    except OSError as exc:
+        if is_gone(exc):
+            return None
+        raise
     return os.fsdecode(raw.rstrip(b"\n")) or None
 
 

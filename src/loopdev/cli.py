@@ -1,0 +1,507 @@
+"""The ``loopdev`` command: attach, detach, list, find and resize loop devices like losetup.
+
+Built on the high-level API only (``loopdev.device``), so the command exercises
+the same code paths as library users. Errors are ``OSError``s; they become one
+``loopdev: <message>`` line on stderr and exit status 1 (``--debug`` adds the
+traceback). Usage errors exit 2, as argparse does.
+
+Where it differs from losetup: ``find`` prints device paths only, one a line
+(``losetup -j`` prints its ``-a`` format); ``list DEVICE`` fails for an unbound
+device (losetup prints a row of blanks); ``list --json`` writes backing paths
+that are not UTF-8 with ``\\xNN`` escapes (losetup writes the raw bytes, which
+is not valid JSON text).
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import os
+import re
+import stat
+import sys
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, TypeVar
+
+from loopdev.errors import LoopError
+
+if TYPE_CHECKING:
+    from loopdev.device import DeviceInfo, DirectIO
+
+__all__ = ["main", "parse_size"]
+
+PROG = "loopdev"
+
+# Suffix -> multiplier. "K"/"KiB" are 1024-based like losetup's; "KB" is the
+# 1000-based form util-linux also accepts.
+_UNITS = {"": 1, "B": 1}
+for _power, _letter in enumerate("KMGTPE", start=1):
+    _UNITS[_letter] = _UNITS[_letter + "IB"] = 1024**_power
+    _UNITS[_letter + "B"] = 1000**_power
+_SIZE_RE = re.compile(r"\s*(-?)(0[xX][0-9a-fA-F]+|[0-9]+)\s*([a-zA-Z]*)\s*\Z")
+
+_DIRECT_IO: dict[str, DirectIO] = {"on": True, "off": False, "auto": "auto"}
+
+# losetup -l's default columns: (header, right-aligned?).
+_COLUMNS = (
+    ("NAME", False),
+    ("SIZELIMIT", True),
+    ("OFFSET", True),
+    ("AUTOCLEAR", True),
+    ("RO", True),
+    ("BACK-FILE", False),
+    ("DIO", True),
+    ("LOG-SEC", True),
+)
+
+JsonValue = str | int | bool
+_T = TypeVar("_T")
+_SYSFS_TRIES = 5
+
+
+def parse_size(text: str) -> int:
+    """``"4096"``, ``"0x1000"``, ``"4K"``, ``"4KiB"`` (1024-based) or ``"4KB"`` (1000-based).
+
+    A minus sign is accepted so that the library, not the parser, rejects a
+    negative offset with a message naming the file.
+    """
+    m = _SIZE_RE.match(text)
+    unit = _UNITS.get(m.group(3).upper()) if m else None
+    if m is None or unit is None:
+        raise argparse.ArgumentTypeError(
+            f"invalid size {text!r} (bytes, or with a suffix K, M, G, T, KiB, MiB, ...)"
+        )
+    value = int(m.group(2), 0) * unit
+    return -value if m.group(1) else value
+
+
+def _loop_name(arg: str) -> str | None:
+    """``loopN`` for ``loopN``, ``/dev/loopN`` or a node of it elsewhere; else None."""
+    path = arg
+    try:
+        st = os.stat(arg)
+    except OSError:
+        pass  # not a path: may still be a bare name like "loop3"
+    else:
+        if not stat.S_ISBLK(st.st_mode):
+            return None  # a file that happens to be called loopN
+        path = os.path.realpath(arg)  # e.g. a symlink to /dev/loopN
+    base = os.path.basename(path)
+    if base.startswith("loop") and base[4:].isdigit():
+        return base
+    return None
+
+
+def _device_arg(arg: str) -> str:
+    name = _loop_name(arg)
+    if name is None:
+        raise LoopError(errno.EINVAL, "not a loop device", device=arg)
+    return name
+
+
+def _printable(text: str) -> str:
+    """One line of valid text: undecodable bytes and control characters escaped.
+
+    Backing paths come from the kernel as bytes; a newline in one must not
+    break the one-row-per-device table.
+    """
+    decoded = os.fsencode(text).decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else _escape(c) for c in decoded)
+
+
+def _escape(char: str) -> str:
+    # \x0a rather than \n: what losetup's table shows.
+    return f"\\x{ord(char):02x}" if ord(char) < 0x100 else ascii(char)[1:-1]
+
+
+def _json_text(text: str) -> str:
+    # Undecodable bytes arrive as lone surrogates, which stdout cannot encode.
+    return os.fsencode(text).decode("utf-8", "backslashreplace")
+
+
+def _row(info: DeviceInfo) -> dict[str, JsonValue]:
+    """One device as ``losetup -J -l`` shows it (same keys, same JSON types)."""
+    return {
+        "name": info.path,
+        "sizelimit": info.sizelimit,
+        "offset": info.offset,
+        "autoclear": info.autoclear,
+        "ro": info.read_only,
+        "back-file": _json_text(info.backing_file),
+        "dio": info.direct_io,
+        "log-sec": info.block_size,
+    }
+
+
+def format_table(infos: Sequence[DeviceInfo]) -> str:
+    """losetup -l's table: text columns left-aligned, numbers and flags right-aligned."""
+    rows = [[h for h, _ in _COLUMNS]]
+    for info in infos:
+        values = _row(info).values()
+        # Flags show as 0/1, as in losetup's table.
+        rows.append([_printable(v) if isinstance(v, str) else str(int(v)) for v in values])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(_COLUMNS))]
+    lines = []
+    for r in rows:
+        cells = [
+            c.rjust(w) if right else c.ljust(w)
+            for c, w, (_, right) in zip(r, widths, _COLUMNS, strict=True)
+        ]
+        lines.append(" ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def _sysfs_retry(call: Callable[[], _T]) -> _T:
+    """``call()``, again when a device vanished under it.
+
+    Workaround: ``devices()`` and ``find()`` read sysfs attributes of devices
+    that other processes may be detaching; on Linux 6.x such a read fails with
+    ENODEV instead of finding the file gone, and the library only treats the
+    latter as "not bound". The window is microseconds wide: a retry passes it.
+    """
+    for attempt in range(_SYSFS_TRIES):
+        try:
+            return call()
+        except OSError as exc:
+            in_sysfs = exc.filename is None or str(exc.filename).startswith("/sys/")
+            if exc.errno != errno.ENODEV or not in_sysfs or attempt == _SYSFS_TRIES - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _out(text: str) -> None:
+    sys.stdout.write(text + "\n")
+
+
+def _warn(message: str) -> None:
+    sys.stderr.write(f"{PROG}: {message}\n")
+
+
+def _message(exc: BaseException) -> str:
+    """One line for ``exc``: LoopError's own text, else ``path: reason``."""
+    if isinstance(exc, OSError) and not isinstance(exc, LoopError) and exc.strerror:
+        where = [str(f) for f in (exc.filename, exc.filename2) if f is not None]
+        text = f"{' -> '.join(where)}: {exc.strerror}" if where else exc.strerror
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.splitlines())
+
+
+def _report(exc: OSError, debug: bool) -> None:
+    if debug:
+        import traceback  # imported late: only --debug needs it
+
+        traceback.print_exception(exc)
+    _warn(_message(exc))
+
+
+# --- subcommands -------------------------------------------------------------------
+
+
+def _overlapping(path: str, offset: int, sizelimit: int, read_only: bool) -> DeviceInfo | None:
+    """A device to reuse for ``--nooverlap``: same file, offset and size limit.
+
+    Raises ``DeviceBusy`` where a device of the file overlaps the requested range
+    without being identical, or is read-only while read-write was asked (as
+    losetup does: the kernel cannot change either afterwards).
+    """
+    from loopdev.device import find
+    from loopdev.errors import DeviceBusy
+
+    for info in _sysfs_retry(lambda: find(path)):
+        if info.offset == offset and info.sizelimit == sizelimit:
+            if info.read_only and not read_only:
+                raise DeviceBusy(
+                    errno.EBUSY,
+                    "an overlapping read-only loop device exists",
+                    device=info.path,
+                    backing=path,
+                )
+            return info
+        # Ranges [offset, offset + sizelimit); a size limit of 0 runs to the end.
+        if info.sizelimit and offset >= info.offset + info.sizelimit:
+            continue
+        if sizelimit and offset + sizelimit <= info.offset:
+            continue
+        raise DeviceBusy(
+            errno.EBUSY, "an overlapping loop device exists", device=info.path, backing=path
+        )
+    return None
+
+
+def cmd_attach(args: argparse.Namespace) -> int:
+    """Attach FILE to a free device that stays bound after we exit."""
+    from loopdev.device import attach
+
+    if args.nooverlap:
+        reuse = _overlapping(args.file, args.offset, args.sizelimit, args.read_only)
+        if reuse is not None:
+            if reuse.autoclear:
+                # losetup clears autoclear here; the high-level API cannot.
+                _warn(
+                    f"warning: reusing {reuse.path}, which is released when its last "
+                    "user closes it (autoclear)"
+                )
+            if args.show:
+                _out(reuse.path)
+            return 0
+    dev = attach(
+        args.file,
+        offset=args.offset,
+        sizelimit=args.sizelimit,
+        read_only=args.read_only,
+        partscan=args.partscan,
+        direct_io=_DIRECT_IO[args.direct_io],
+        block_size=args.sector_size,
+        # The device outlives this process, like losetup's.
+        autoclear=False,
+        # Keeps probers off the device while it is configured (losetup locks too).
+        lock=True,
+    )
+    # close(), not detach(): the binding is the point.
+    try:
+        if args.show:
+            _out(dev.path)
+    finally:
+        dev.close()
+    return 0
+
+
+def _not_bound(exc: OSError, path: str) -> OSError:
+    """ENXIO from a loop ioctl means "not bound"; say so instead of naming the ioctl."""
+    if exc.errno == errno.ENXIO:
+        return LoopError(errno.ENXIO, "device is not bound", device=path)
+    return exc
+
+
+def _detach_device(name: str, backing: str | None = None) -> None:
+    """Detach ``name``; with ``backing``, only while it is still bound to that file."""
+    from loopdev.device import find, open_device
+
+    dev = open_device(name, owned=True)
+    try:
+        # Our open fd pins the binding: re-checking now closes the window in
+        # which the device was released and rebound to another file.
+        if backing is not None:
+            file = backing
+            if name not in {i.name for i in _sysfs_retry(lambda: find(file))}:
+                return
+        try:
+            dev.detach()
+        except OSError as exc:
+            raise _not_bound(exc, dev.path) from exc
+    finally:
+        dev.close()
+
+
+def _detach_targets(arg: str) -> list[tuple[str, str | None]]:
+    """What ``detach ARG`` means: (loop name, backing file to re-check or None) pairs."""
+    from loopdev.device import find
+
+    name = _loop_name(arg)
+    try:
+        mode = os.stat(arg).st_mode
+    except OSError:
+        if name is None:
+            raise
+        return [(name, None)]  # "loop3" or a missing /dev/loop3: open_device says why
+    if stat.S_ISREG(mode) or (stat.S_ISBLK(mode) and name is None):
+        # A backing file, or a block device used as one.
+        return [(info.name, arg) for info in _sysfs_retry(lambda: find(arg))]
+    if stat.S_ISBLK(mode) and name is not None:
+        return [(name, None)]
+    raise LoopError(errno.EINVAL, "neither a loop device nor a backing file", backing=arg)
+
+
+def cmd_detach(args: argparse.Namespace) -> int:
+    """Detach devices, every device of a backing file, or (``--all``) every device."""
+    from loopdev.device import devices
+
+    # Pairs of (loop name, backing file to re-check or None).
+    targets: list[tuple[str, str | None]] = []
+    failed = False
+    if args.all:
+        targets = [(info.name, None) for info in _sysfs_retry(devices)]
+    for arg in args.targets:
+        try:
+            targets.extend(_detach_targets(arg))
+        except OSError as exc:
+            # Go on with the others, like losetup -d; the status says it failed.
+            _warn(_message(exc))
+            failed = True
+    for name, backing in targets:
+        try:
+            _detach_device(name, backing)
+        except OSError as exc:
+            # Go on with the others, like losetup -d; the status says it failed.
+            _report(exc, args.debug)
+            failed = True
+    return 1 if failed else 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """Show bound devices as losetup -l (or -J -l) does."""
+    from loopdev.device import devices
+
+    infos = _sysfs_retry(devices)
+    if args.device is not None:
+        name = _device_arg(args.device)
+        infos = [i for i in infos if i.name == name]
+        if not infos:
+            raise LoopError(errno.ENXIO, "device is not bound", device=f"/dev/{name}")
+    if args.json:
+        _out(json.dumps({"loopdevices": [_row(i) for i in infos]}, indent=3, ensure_ascii=False))
+    elif infos:
+        # Like losetup: no devices, no output (not even the header).
+        _out(format_table(infos))
+    return 0
+
+
+def cmd_find(args: argparse.Namespace) -> int:
+    """Print the devices backed by FILE (optionally at an offset), one path a line."""
+    from loopdev.device import find
+
+    for info in _sysfs_retry(lambda: find(args.file, args.offset)):
+        _out(info.path)
+    return 0
+
+
+def cmd_resize(args: argparse.Namespace) -> int:
+    """Make DEVICE pick up its backing file's new size (losetup -c)."""
+    from loopdev.device import open_device
+
+    with open_device(_device_arg(args.device)) as dev:
+        try:
+            dev.resize()
+        except OSError as exc:
+            raise _not_bound(exc, dev.path) from exc
+    return 0
+
+
+# --- parser ------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for tests and shell-completion generators)."""
+    # --debug works before and after the subcommand; SUPPRESS keeps the
+    # subparser's default from overwriting a --debug given before it.
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show the traceback on errors",
+    )
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Set up and control loop devices (a losetup work-alike).",
+    )
+    parser.add_argument("--debug", action="store_true", help="show the traceback on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(
+        name: str,
+        func: Callable[[argparse.Namespace], int],
+        help: str,
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[debug], help=help, description=help)
+        p.set_defaults(func=func)
+        return p
+
+    p = command("attach", cmd_attach, "attach FILE to a free loop device (losetup -f FILE)")
+    p.add_argument(
+        "-o",
+        "--offset",
+        type=parse_size,
+        default=0,
+        metavar="N",
+        help="start N bytes into the file",
+    )
+    p.add_argument(
+        "--sizelimit",
+        type=parse_size,
+        default=0,
+        metavar="N",
+        help="use at most N bytes of the file (a multiple of 512)",
+    )
+    p.add_argument("-r", "--read-only", action="store_true", help="set up a read-only device")
+    p.add_argument("-P", "--partscan", action="store_true", help="register partitions")
+    p.add_argument(
+        "--direct-io",
+        nargs="?",
+        const="on",
+        default="off",
+        choices=sorted(_DIRECT_IO),
+        metavar="on|off|auto",
+        help="direct I/O on the backing file: on, off or auto (where the file allows it); "
+        "default off, as in losetup; alone means on, so give a value as --direct-io=VALUE",
+    )
+    p.add_argument(
+        "-b",
+        "--sector-size",
+        type=parse_size,
+        default=None,
+        metavar="N",
+        help="logical sector size: 512, 1024, 2048 or 4096",
+    )
+    p.add_argument("--show", action="store_true", help="print the device path")
+    p.add_argument(
+        "-L",
+        "--nooverlap",
+        action="store_true",
+        help="reuse a device of FILE with the same offset and size limit; fail if one overlaps",
+    )
+    p.add_argument("file", metavar="FILE")
+
+    p = command(
+        "detach", cmd_detach, "detach devices, or every device of a backing FILE (losetup -d)"
+    )
+    p.add_argument(
+        "-a", "--all", action="store_true", help="detach every bound loop device (losetup -D)"
+    )
+    p.add_argument("targets", nargs="*", metavar="DEVICE|FILE")
+
+    p = command("list", cmd_list, "show bound devices (losetup -l)")
+    p.add_argument("-J", "--json", action="store_true", help="as losetup -J -l")
+    p.add_argument("device", nargs="?", metavar="DEVICE")
+
+    p = command("find", cmd_find, "print the devices backed by FILE, one path a line (losetup -j)")
+    p.add_argument(
+        "-o",
+        "--offset",
+        type=parse_size,
+        default=None,
+        metavar="N",
+        help="only devices starting N bytes into the file",
+    )
+    p.add_argument("file", metavar="FILE")
+
+    p = command("resize", cmd_resize, "re-read the backing file's size (losetup -c)")
+    p.add_argument("device", metavar="DEVICE")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "detach" and args.all == bool(args.targets):
+        parser.error("detach needs DEVICE or FILE arguments, or --all (not both)")
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        status = func(args)
+        sys.stdout.flush()  # here, where a broken pipe can still be caught
+        return status
+    except BrokenPipeError:
+        # Output cut short (e.g. piped into head): not worth a message.
+        # Point stdout at /dev/null so the flush at exit does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 1
+    except OSError as exc:
+        _report(exc, args.debug)
+        return 1
+    except KeyboardInterrupt:
+        return 130
