@@ -15,6 +15,7 @@ def is_gone(exc: OSError) -> bool:
     """Whether ``exc`` means the device went away while we read it."""
     return exc.errno in _GONE
 
+
 SYS_BLOCK = "/sys/block"
 
 
