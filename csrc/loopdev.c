@@ -399,8 +399,30 @@ static void discard(const struct ld_attach_req *req, int fd)
         close(fd);
 }
 
+/* Minors this call gave up on for a reason that outlasts a retry (another
+ * process holds the device locked, or a stale partition of it open). */
+struct skip_list {
+    int n;
+    int minors[64];
+};
+
+static int skipped(const struct skip_list *skip, int minor)
+{
+    for (int i = 0; i < skip->n; i++)
+        if (skip->minors[i] == minor)
+            return 1;
+    return 0;
+}
+
+static void skip_minor(struct skip_list *skip, int minor)
+{
+    if (skip->n < (int)(sizeof(skip->minors) / sizeof(skip->minors[0])))
+        skip->minors[skip->n++] = minor;
+}
+
 /* One attempt's outcome: 0 done, 1 transient (try another round), <0 fatal. */
-static int attempt_once(const struct ld_attach_req *req, struct ld_attach_res *res)
+static int attempt_once(const struct ld_attach_req *req, struct ld_attach_res *res,
+                        struct skip_list *skip)
 {
     char name[32];
     int minor, fd, r, stage;
@@ -410,6 +432,11 @@ static int attempt_once(const struct ld_attach_req *req, struct ld_attach_res *r
      * order: control first, device second. */
     flock(req->ctl_fd, LOCK_EX);
     minor = ioctl(req->ctl_fd, LOOP_CTL_GET_FREE);
+    /* GET_FREE names the lowest unbound minor again and again, so a device
+     * we must skip would be offered until the retries run out: ask for a
+     * new device instead. */
+    if (minor >= 0 && skipped(skip, minor))
+        minor = ioctl(req->ctl_fd, LOOP_CTL_ADD, -1);
     if (minor < 0) {
         res->err = neg_errno();
         res->stage = LD_STAGE_GET_FREE;
@@ -452,7 +479,10 @@ static int attempt_once(const struct ld_attach_req *req, struct ld_attach_res *r
         res->stage = LD_STAGE_LOCK;
         discard(req, fd);
         flock(req->ctl_fd, LOCK_UN);
-        return res->err == -EWOULDBLOCK ? 1 : res->err;
+        if (res->err != -EWOULDBLOCK)
+            return res->err;
+        skip_minor(skip, minor);
+        return 1;
     }
     r = ld_del_partitions(fd, minor);
     if (r < 0) {
@@ -460,7 +490,10 @@ static int attempt_once(const struct ld_attach_req *req, struct ld_attach_res *r
         res->stage = LD_STAGE_PARTITIONS;
         discard(req, fd);
         flock(req->ctl_fd, LOCK_UN);
-        return r;
+        if (r != -EBUSY)
+            return r;
+        skip_minor(skip, minor); /* a stale partition is open: use another device */
+        return 1;
     }
     r = ld_configure(fd, req->backing_fd, &req->config, &stage);
     flock(req->ctl_fd, LOCK_UN);
@@ -486,6 +519,7 @@ int ld_attach(const struct ld_attach_req *req, struct ld_attach_res *res)
     int64_t deadline = now_ms() + (req->timeout_ms > 0 ? req->timeout_ms : 30000);
     int attempts = req->max_attempts > 0 ? req->max_attempts : 64;
     unsigned seed = jitter_seed();
+    struct skip_list skip = { 0, { 0 } };
 
     memset(res, 0, sizeof(*res));
     res->fd = -1;
@@ -498,7 +532,7 @@ int ld_attach(const struct ld_attach_req *req, struct ld_attach_res *res)
             if (now_ms() > deadline)
                 break;
         }
-        r = attempt_once(req, res);
+        r = attempt_once(req, res, &skip);
         if (r <= 0)
             return r;
     }

@@ -414,3 +414,26 @@ def test_fds_are_cloexec(ctl: LoopControl, image_fd: int) -> None:
             assert fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
     finally:
         lo.close()
+
+
+def test_locked_free_device_is_skipped(ctl: LoopControl, image_fd: int) -> None:
+    """A free device someone else holds locked is skipped, not retried until exhaustion."""
+    for _ in range(10):
+        held = Loop(ctl.get_unbound())
+        try:
+            held.flock(fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            held.close()
+            continue
+        try:
+            start = time.monotonic()
+            lo = ctl.loop_for_fd(image_fd, lock=True, autoclear=True)
+            try:
+                assert lo.minor != held.minor
+                assert time.monotonic() - start < 5
+            finally:
+                lo.close()
+            return
+        finally:
+            held.close()
+    pytest.fail("could not lock a free device")
