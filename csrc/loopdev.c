@@ -9,6 +9,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -205,10 +206,17 @@ int ld_configure_supported(void)
 
 /* The kernel keeps whatever name it is given (losetup passes the path);
  * the full path is in sysfs, this copy is for LOOP_GET_STATUS64 readers. */
-static void set_file_name(struct loop_info64 *info, const struct ld_config *c)
+static void set_file_name(struct loop_info64 *info, const struct ld_config *c, int backing_fd)
 {
-    if (c->file_name)
+    char link[32];
+    if (c->file_name) {
         strncpy((char *)info->lo_file_name, c->file_name, LO_NAME_SIZE - 1);
+        return;
+    }
+    snprintf(link, sizeof(link), "/proc/self/fd/%d", backing_fd);
+    /* readlink does not terminate; the struct is zeroed and one byte short. */
+    if (readlink(link, (char *)info->lo_file_name, LO_NAME_SIZE - 1) < 0)
+        info->lo_file_name[0] = 0;
 }
 
 static int bind_configure(int dev_fd, int backing_fd, const struct ld_config *c, int *stage)
@@ -220,7 +228,7 @@ static int bind_configure(int dev_fd, int backing_fd, const struct ld_config *c,
     lc.info.lo_offset = c->offset;
     lc.info.lo_sizelimit = c->sizelimit;
     lc.info.lo_flags = c->flags & (LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR);
-    set_file_name(&lc.info, c);
+    set_file_name(&lc.info, c, backing_fd);
     *stage = LD_STAGE_CONFIGURE;
     return ioctl(dev_fd, LOOP_CONFIGURE, &lc) < 0 ? neg_errno() : 0;
 }
@@ -255,7 +263,7 @@ static int bind_legacy(int dev_fd, int backing_fd, const struct ld_config *c, in
     info.lo_offset = c->offset;
     info.lo_sizelimit = c->sizelimit;
     info.lo_flags = c->flags & LO_FLAGS_AUTOCLEAR;
-    set_file_name(&info, c);
+    set_file_name(&info, c, backing_fd);
     *stage = LD_STAGE_SET_STATUS;
     r = ld_set_status(dev_fd, &info);
     if (r < 0)
@@ -348,16 +356,28 @@ int ld_blkpg(int dev_fd, int op, int pno, long long start, long long length);
  * LOOP_CLR_FD and come back when the minor is bound to another file, now
  * pointing into it (measured on 6.18). Delete every partition sysfs lists.
  * Returns how many were deleted, or -errno (EBUSY: one is still open). */
-int ld_del_partitions(int dev_fd, int minor)
+/* A partition is a subdirectory of /sys/block/loopN, so the directory's link
+ * count grows with each one. The count of an unbound device without
+ * partitions is learnt from a full scan that found none; later a stat tells
+ * whether a scan is needed at all (it costs a third of an attach). */
+static nlink_t bare_unbound_nlink = 0;
+
+int ld_del_partitions(int dev_fd, int minor, int unbound)
 {
     char path[64], prefix[32];
     struct dirent *e;
+    struct stat st;
     size_t plen;
-    int deleted = 0, err = 0;
+    int deleted = 0, err = 0, found = 0;
+    nlink_t bare = __atomic_load_n(&bare_unbound_nlink, __ATOMIC_RELAXED);
     DIR *d;
 
     snprintf(path, sizeof(path), "/sys/block/loop%d", minor);
     plen = (size_t)snprintf(prefix, sizeof(prefix), "loop%dp", minor);
+    if (stat(path, &st) < 0)
+        return errno == ENOENT ? 0 : neg_errno();
+    if (unbound && bare && st.st_nlink <= bare)
+        return 0;
     d = opendir(path);
     if (!d)
         return errno == ENOENT ? 0 : neg_errno();
@@ -369,6 +389,7 @@ int ld_del_partitions(int dev_fd, int minor)
         pno = strtol(e->d_name + plen, &end, 10);
         if (*end || pno <= 0)
             continue;
+        found = 1;
         int r = ld_blkpg(dev_fd, BLKPG_DEL_PARTITION, (int)pno, 0, 0);
         if (r == 0 || r == -ENXIO)
             deleted++;
@@ -376,6 +397,8 @@ int ld_del_partitions(int dev_fd, int minor)
             err = r;
     }
     closedir(d);
+    if (unbound && !found)
+        __atomic_store_n(&bare_unbound_nlink, st.st_nlink, __ATOMIC_RELAXED);
     return err ? err : deleted;
 }
 
@@ -420,6 +443,37 @@ static void skip_minor(struct skip_list *skip, int minor)
         skip->minors[skip->n++] = minor;
 }
 
+/* flock on loop-control excludes other processes, but not threads sharing
+ * one open file (nor children forked with it): a process-wide mutex covers
+ * those. The child of a fork gets the mutex back unlocked. */
+static pthread_mutex_t alloc_mutex = PTHREAD_MUTEX_INITIALIZER;
+static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
+
+static void reset_mutex_in_child(void)
+{
+    pthread_mutex_init(&alloc_mutex, NULL);
+}
+
+static void register_atfork(void)
+{
+    pthread_atfork(NULL, NULL, reset_mutex_in_child);
+}
+
+static void lock_control(int ctl_fd)
+{
+    pthread_once(&atfork_once, register_atfork);
+    pthread_mutex_lock(&alloc_mutex);
+    /* Python's signal handlers interrupt flock (no SA_RESTART). */
+    while (flock(ctl_fd, LOCK_EX) < 0 && errno == EINTR)
+        ;
+}
+
+static void unlock_control(int ctl_fd)
+{
+    flock(ctl_fd, LOCK_UN);
+    pthread_mutex_unlock(&alloc_mutex);
+}
+
 /* One attempt's outcome: 0 done, 1 transient (try another round), <0 fatal. */
 static int attempt_once(const struct ld_attach_req *req, struct ld_attach_res *res,
                         struct skip_list *skip)
@@ -430,7 +484,7 @@ static int attempt_once(const struct ld_attach_req *req, struct ld_attach_res *r
     /* Serialise with cooperating allocators (systemd does the same): between
      * GET_FREE and CONFIGURE another of them would pick the same minor. Lock
      * order: control first, device second. */
-    flock(req->ctl_fd, LOCK_EX);
+    lock_control(req->ctl_fd);
     minor = ioctl(req->ctl_fd, LOOP_CTL_GET_FREE);
     /* GET_FREE names the lowest unbound minor again and again, so a device
      * we must skip would be offered until the retries run out: ask for a
@@ -440,7 +494,7 @@ static int attempt_once(const struct ld_attach_req *req, struct ld_attach_res *r
     if (minor < 0) {
         res->err = neg_errno();
         res->stage = LD_STAGE_GET_FREE;
-        flock(req->ctl_fd, LOCK_UN);
+        unlock_control(req->ctl_fd);
         return res->err;
     }
     res->minor = minor;
@@ -449,7 +503,7 @@ static int attempt_once(const struct ld_attach_req *req, struct ld_attach_res *r
     if (fd < 0) {
         res->err = neg_errno();
         res->stage = LD_STAGE_OPEN;
-        flock(req->ctl_fd, LOCK_UN);
+        unlock_control(req->ctl_fd);
         /* Since 6.x opening a device in autoclear rundown, or one being
          * removed, answers ENXIO (ENOENT once the node is gone): another
          * process released it right after GET_FREE named it. */
@@ -458,7 +512,7 @@ static int attempt_once(const struct ld_attach_req *req, struct ld_attach_res *r
     r = is_loop_node(fd, minor, res);
     if (r < 0) {
         close(fd);
-        flock(req->ctl_fd, LOCK_UN);
+        unlock_control(req->ctl_fd);
         res->err = r;
         res->stage = LD_STAGE_CHECK;
         return r;
@@ -466,37 +520,37 @@ static int attempt_once(const struct ld_attach_req *req, struct ld_attach_res *r
     if (req->on_open) {
         /* The hook runs Python code of the caller's: do not hold the control
          * lock across it (it may allocate devices itself). */
-        flock(req->ctl_fd, LOCK_UN);
+        unlock_control(req->ctl_fd);
         if (req->on_open(req->ctx, minor, fd) != 0) {
             res->err = -ECANCELED;
             res->stage = LD_STAGE_HOOK;
             return res->err; /* the hook has closed the device */
         }
-        flock(req->ctl_fd, LOCK_EX);
+        lock_control(req->ctl_fd);
     }
     if (req->lock && flock(fd, LOCK_EX | LOCK_NB) < 0) {
         res->err = neg_errno();
         res->stage = LD_STAGE_LOCK;
         discard(req, fd);
-        flock(req->ctl_fd, LOCK_UN);
+        unlock_control(req->ctl_fd);
         if (res->err != -EWOULDBLOCK)
             return res->err;
         skip_minor(skip, minor);
         return 1;
     }
-    r = ld_del_partitions(fd, minor);
+    r = ld_del_partitions(fd, minor, 1);
     if (r < 0) {
         res->err = r;
         res->stage = LD_STAGE_PARTITIONS;
         discard(req, fd);
-        flock(req->ctl_fd, LOCK_UN);
+        unlock_control(req->ctl_fd);
         if (r != -EBUSY)
             return r;
         skip_minor(skip, minor); /* a stale partition is open: use another device */
         return 1;
     }
     r = ld_configure(fd, req->backing_fd, &req->config, &stage);
-    flock(req->ctl_fd, LOCK_UN);
+    unlock_control(req->ctl_fd);
     if (r == 0) {
         res->fd = fd;
         res->err = 0;

@@ -77,7 +77,7 @@ struct ld_config {
     uint32_t block_size;
     uint32_t flags;
     int direct_io;
-    const char *file_name;      /* recorded in lo_file_name (cut at 63); may be NULL */
+    const char *file_name;      /* for lo_file_name (cut at 63); NULL: the fd's path */
 };
 
 struct ld_attach_req {
@@ -115,6 +115,6 @@ int ld_get_int(int fd, unsigned long request, int *out);
 int ld_configure(int dev_fd, int backing_fd, const struct ld_config *config, int *stage);
 int ld_attach(const struct ld_attach_req *req, struct ld_attach_res *res);
 int ld_blkpg(int dev_fd, int op, int pno, long long start, long long length);
-int ld_del_partitions(int dev_fd, int minor);
+int ld_del_partitions(int dev_fd, int minor, int unbound);
 void ld_force_fallback(int on);
 int ld_configure_supported(void);

@@ -231,9 +231,11 @@ class Config:
         self.file_name = file_name
 
 
-def _c_config(config: Config) -> tuple[Any, Any]:
-    """The C config and the name buffer it points to (keep both alive)."""
-    raw = ffi.new("struct ld_config *")
+def _fill_config(raw: Any, config: Config) -> Any:
+    """Copy ``config`` into the C struct ``raw``; returns the name buffer to keep alive.
+
+    Without a name the shim records the backing fd's own path.
+    """
     name = ffi.NULL
     if config.file_name is not None:
         name = ffi.new("char[]", os.fsencode(config.file_name))
@@ -243,7 +245,14 @@ def _c_config(config: Config) -> tuple[Any, Any]:
     raw.block_size = config.block_size
     raw.flags = config.flags
     raw.direct_io = config.direct_io
-    return raw, name
+    return name
+
+
+def _fd_path(fd: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return None
 
 
 def configure(
@@ -251,10 +260,12 @@ def configure(
 ) -> None:
     """Bind and configure one device; on failure nothing stays bound."""
     stage = ffi.new("int *")
-    raw, _name = _c_config(config)
+    raw = ffi.new("struct ld_config *")
+    _name = _fill_config(raw, config)
     err = lib.ld_configure(dev_fd, backing_fd, raw, stage)
     if err < 0:
-        raise _fail(err, _STAGE_WHAT.get(stage[0], "configuring"), device, backing, stage[0])
+        what = _STAGE_WHAT.get(stage[0], "configuring")
+        raise _fail(err, what, device, backing or _fd_path(backing_fd), stage[0])
 
 
 class Attached:
@@ -323,8 +334,7 @@ def attach(
     req.lock = int(lock)
     req.max_attempts = max_attempts
     req.timeout_ms = int(timeout * 1000)
-    raw, _name = _c_config(config)
-    req.config = raw[0]
+    _name = _fill_config(req.config, config)
     hooks = None
     if on_open is not None:
         if on_discard is None:
@@ -334,14 +344,23 @@ def attach(
         req.on_open = lib.ld_py_on_open
         req.on_discard = lib.ld_py_on_discard
         req.ctx = handle
-    err = lib.ld_attach(req, res)
+    try:
+        err = lib.ld_attach(req, res)
+    except BaseException:
+        # A signal's exception (KeyboardInterrupt) is raised as the call
+        # returns, before anyone owns the new device: release it here.
+        if hooks is None and res.fd >= 0:
+            lib_clear_fd(res.fd)
+            os.close(res.fd)
+        raise
     if hooks is not None and hooks.error is not None:
         raise hooks.error
     if err < 0:
         device = f"/dev/loop{res.minor}" if res.minor >= 0 else None
         if res.stage == lib.LD_STAGE_CHECK:
             raise errors.UnexpectedDevice(res.minor, res.rdev, res.mode)
-        raise _fail(err, _STAGE_WHAT.get(res.stage, "attaching"), device, backing, res.stage)
+        what = _STAGE_WHAT.get(res.stage, "attaching")
+        raise _fail(err, what, device, backing or _fd_path(backing_fd), res.stage)
     return Attached(res.minor, res.fd, res.retries)
 
 
@@ -353,7 +372,7 @@ def blkpg(dev_fd: int, op: int, pno: int, start: int = 0, length: int = 0, *, de
 def delete_partitions(dev_fd: int, minor: int) -> int:
     """Delete every partition of ``loop{minor}`` (BLKPG); returns how many."""
     return check(
-        lib.ld_del_partitions(dev_fd, minor),
+        lib.ld_del_partitions(dev_fd, minor, 0),
         "deleting partitions (one may be mounted or open)",
         f"/dev/loop{minor}",
     )

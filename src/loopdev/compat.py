@@ -27,13 +27,6 @@ __all__ = ["Loop", "LoopControl", "LoopInfo", "UnexpectedDevice"]
 _DEV = "/dev"
 
 
-def _open_dir(dir_fd: int | None) -> tuple[int, bool]:
-    """``dir_fd`` itself (not owned), or an owned handle on /dev; 0 is a valid fd."""
-    if dir_fd is not None:
-        return dir_fd, False
-    return os.open(_DEV, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC), True
-
-
 def _flags(read_only: bool | None, autoclear: bool | None, partscan: bool | None) -> int:
     flags = 0
     if read_only:
@@ -43,13 +36,6 @@ def _flags(read_only: bool | None, autoclear: bool | None, partscan: bool | None
     if partscan:
         flags |= _native.LO_FLAGS_PARTSCAN
     return flags
-
-
-def _backing_name(fd: int) -> str | None:
-    try:
-        return os.readlink(f"/proc/self/fd/{fd}")
-    except OSError:
-        return None
 
 
 class Loop:
@@ -225,14 +211,11 @@ class Loop:
         read_only: bool | None = None,
     ) -> None:
         """Bind to ``fd`` and configure in one step (``LOOP_CONFIGURE``, or its fallback)."""
-        name = _backing_name(fd)
-        config = _config_from_kwargs(
-            offset, sizelimit, blocksize, autoclear, partscan, read_only, file_name=name
-        )
+        config = _config_from_kwargs(offset, sizelimit, blocksize, autoclear, partscan, read_only)
         # Partitions of an earlier binding would point into the new file.
         _native.delete_partitions(self.fd, self.minor)
-        _native.configure(self.fd, fd, config, device=self._path, backing=config.file_name)
-        core.finish_attach(self.fd, self.minor, config, config.file_name)
+        _native.configure(self.fd, fd, config, device=self._path)
+        core.finish_attach(self.fd, self.minor, config, None)
 
     def get_status(self) -> LoopInfo:
         """``LOOP_GET_STATUS64``; ``OSError(ENXIO)`` when unbound."""
@@ -268,7 +251,19 @@ class LoopControl:
         self.fd = -1
         self._dir_fd = dir_fd
         path = "loop-control" if dir_fd is not None else f"{_DEV}/loop-control"
-        self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC, dir_fd=dir_fd)
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC, dir_fd=dir_fd)
+        # The attach loop opens loopN relative to this: dir_fd itself (0 is
+        # a valid fd), or our own handle on /dev.
+        try:
+            self._dev_dir = (
+                dir_fd
+                if dir_fd is not None
+                else os.open(_DEV, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            )
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
 
     def __del__(self) -> None:
         if getattr(self, "fd", -1) >= 0:
@@ -279,6 +274,8 @@ class LoopControl:
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
             os.close(fd)
+            if self._dir_fd is None:
+                os.close(self._dev_dir)
 
     def _check_open(self) -> int:
         if self.fd < 0:
@@ -312,31 +309,29 @@ class LoopControl:
         ctl = self._check_open()
         if fd < 0:
             raise ValueError(f"Invalid file descriptor '{fd}'")
-        config = _config_from_kwargs(**kwargs, file_name=_backing_name(fd))
-        dir_fd, owned = _open_dir(self._dir_fd)
-        try:
-            return self._attach(ctl, dir_fd, fd, config, lock, setup)
-        finally:
-            if owned:
-                os.close(dir_fd)
+        config = _config_from_kwargs(**kwargs)
+        return self._attach(ctl, fd, config, lock, setup)
 
     def _attach(
         self,
         ctl: int,
-        dir_fd: int,
         fd: int,
         config: _native.Config,
         lock: bool,
         setup: Callable[[Loop], Any] | None,
     ) -> Loop:
-        backing = config.file_name
         if setup is None:
-            got = _native.attach(ctl, dir_fd, fd, config, lock=lock, backing=backing)
-            lo = Loop._adopt(got.minor, got.fd, self._dir_fd)
+            got = _native.attach(ctl, self._dev_dir, fd, config, lock=lock)
+            try:
+                lo = Loop._adopt(got.minor, got.fd, self._dir_fd)
+            except BaseException:
+                _native.lib_clear_fd(got.fd)
+                os.close(got.fd)
+                raise
         else:
-            lo = self._attach_with_setup(ctl, dir_fd, fd, config, lock, setup)
+            lo = self._attach_with_setup(ctl, fd, config, lock, setup)
         try:
-            core.finish_attach(lo.fd, lo.minor, config, backing)
+            core.finish_attach(lo.fd, lo.minor, config, None)
         except BaseException:
             lo.close()
             raise
@@ -345,7 +340,6 @@ class LoopControl:
     def _attach_with_setup(
         self,
         ctl: int,
-        dir_fd: int,
         fd: int,
         config: _native.Config,
         lock: bool,
@@ -367,13 +361,12 @@ class LoopControl:
 
         _native.attach(
             ctl,
-            dir_fd,
+            self._dev_dir,
             fd,
             config,
             lock=lock,
             on_open=on_open,
             on_discard=on_discard,
-            backing=config.file_name,
         )
         return current[-1]
 
@@ -385,13 +378,10 @@ def _config_from_kwargs(
     autoclear: bool | None = None,
     partscan: bool | None = None,
     read_only: bool | None = None,
-    *,
-    file_name: str | None = None,
 ) -> _native.Config:
     return _native.Config(
         offset=offset or 0,
         sizelimit=sizelimit or 0,
         block_size=blocksize or 0,
         flags=_flags(read_only, autoclear, partscan),
-        file_name=file_name,
     )
