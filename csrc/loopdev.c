@@ -206,17 +206,10 @@ int ld_configure_supported(void)
 
 /* The kernel keeps whatever name it is given (losetup passes the path);
  * the full path is in sysfs, this copy is for LOOP_GET_STATUS64 readers. */
-static void set_file_name(struct loop_info64 *info, const struct ld_config *c, int backing_fd)
+static void set_file_name(struct loop_info64 *info, const struct ld_config *c)
 {
-    char link[32];
-    if (c->file_name) {
+    if (c->file_name)
         strncpy((char *)info->lo_file_name, c->file_name, LO_NAME_SIZE - 1);
-        return;
-    }
-    snprintf(link, sizeof(link), "/proc/self/fd/%d", backing_fd);
-    /* readlink does not terminate; the struct is zeroed and one byte short. */
-    if (readlink(link, (char *)info->lo_file_name, LO_NAME_SIZE - 1) < 0)
-        info->lo_file_name[0] = 0;
 }
 
 static int bind_configure(int dev_fd, int backing_fd, const struct ld_config *c, int *stage)
@@ -228,7 +221,7 @@ static int bind_configure(int dev_fd, int backing_fd, const struct ld_config *c,
     lc.info.lo_offset = c->offset;
     lc.info.lo_sizelimit = c->sizelimit;
     lc.info.lo_flags = c->flags & (LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR);
-    set_file_name(&lc.info, c, backing_fd);
+    set_file_name(&lc.info, c);
     *stage = LD_STAGE_CONFIGURE;
     return ioctl(dev_fd, LOOP_CONFIGURE, &lc) < 0 ? neg_errno() : 0;
 }
@@ -263,7 +256,7 @@ static int bind_legacy(int dev_fd, int backing_fd, const struct ld_config *c, in
     info.lo_offset = c->offset;
     info.lo_sizelimit = c->sizelimit;
     info.lo_flags = c->flags & LO_FLAGS_AUTOCLEAR;
-    set_file_name(&info, c, backing_fd);
+    set_file_name(&info, c);
     *stage = LD_STAGE_SET_STATUS;
     r = ld_set_status(dev_fd, &info);
     if (r < 0)

@@ -77,7 +77,7 @@ struct ld_config {
     uint32_t block_size;
     uint32_t flags;
     int direct_io;
-    const char *file_name;      /* for lo_file_name (cut at 63); NULL: the fd's path */
+    const char *file_name;      /* recorded in lo_file_name (cut at 63); may be NULL */
 };
 
 struct ld_attach_req {
