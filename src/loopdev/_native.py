@@ -69,46 +69,41 @@ _STAGE_WHAT = {
 }
 
 
+_STAGE_ERRORS: dict[int, tuple[type[errors.LoopError], str]] = {
+    lib.LD_STAGE_GET_FREE: (
+        errors.NoFreeDevice,
+        "no loop device is free or can be created (all in use, or max_loop reached)",
+    ),
+    lib.LD_STAGE_EXHAUSTED: (
+        errors.DeviceBusy,
+        "every free loop device was taken or busy before it could be configured; "
+        "retries exhausted, try again or reduce the number of concurrent attaches",
+    ),
+    lib.LD_STAGE_VERIFY: (
+        errors.ConfigureError,
+        "the kernel did not apply the requested offset, size limit, flags or block size",
+    ),
+    lib.LD_STAGE_DIRECT_IO: (
+        errors.BackingFileError,
+        "direct I/O was required but the backing file refuses O_DIRECT; "
+        "use direct_io='auto' or False",
+    ),
+    lib.LD_STAGE_PARTITIONS: (
+        errors.DeviceBusy,
+        "a partition left by a previous attachment of this device is still open; "
+        "close or unmount it",
+    ),
+}
+
+
 def _fail(
     err: int, what: str, device: str | None, backing: str | None, stage: int = 0
 ) -> errors.LoopError:
     """Pick the typed error for ``-err`` at ``stage``, with an actionable message."""
     code = -err
-    if stage == lib.LD_STAGE_GET_FREE:
-        return errors.NoFreeDevice(
-            code, f"no loop device is free or can be created ({what})", device=device
-        )
-    if stage == lib.LD_STAGE_EXHAUSTED:
-        return errors.DeviceBusy(
-            code,
-            "every free loop device was taken or busy before it could be configured; "
-            "retries exhausted, try again or reduce the number of concurrent attaches",
-            device=device,
-            backing=backing,
-        )
-    if stage == lib.LD_STAGE_VERIFY:
-        return errors.ConfigureError(
-            code,
-            "the kernel did not apply the requested offset, size limit, flags or block size",
-            device=device,
-            backing=backing,
-        )
-    if stage == lib.LD_STAGE_DIRECT_IO:
-        return errors.BackingFileError(
-            code,
-            "direct I/O was required but the backing file refuses O_DIRECT "
-            "(tmpfs and some file systems do); use direct_io='auto' or False",
-            device=device,
-            backing=backing,
-        )
-    if stage == lib.LD_STAGE_PARTITIONS:
-        return errors.DeviceBusy(
-            code,
-            "a partition left by a previous attachment of this device is still open; "
-            "close or unmount it",
-            device=device,
-            backing=backing,
-        )
+    if stage in _STAGE_ERRORS:
+        cls, message = _STAGE_ERRORS[stage]
+        return cls(code, message, device=device, backing=backing)
     if code == errno.EBUSY:
         return errors.DeviceBusy(code, f"device busy while {what}", device=device, backing=backing)
     if stage in (lib.LD_STAGE_CONFIGURE, lib.LD_STAGE_SET_FD) and code in (

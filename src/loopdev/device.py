@@ -174,7 +174,7 @@ class LoopDevice:
         fd, self._fd = self._fd, -1
         os.close(fd)
         try:
-            sysfs.wait_released(self.name, self._backing_st, timeout, 0.01)
+            sysfs.wait_released(self.name, self._backing_st, timeout, 0.002)
         except TimeoutError:
             raise DeviceBusy(
                 errno.EBUSY,
