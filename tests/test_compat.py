@@ -416,6 +416,17 @@ def test_fds_are_cloexec(ctl: LoopControl, image_fd: int) -> None:
         lo.close()
 
 
+def _remove_if_unbound(ctl: LoopControl, minor: int) -> None:
+    for _ in range(100):
+        try:
+            ctl.remove(minor)
+            return
+        except OSError as exc:
+            if exc.errno != errno.EBUSY:  # EBUSY: still in rundown, or bound again
+                return
+            time.sleep(0.01)
+
+
 def test_locked_free_device_is_skipped(ctl: LoopControl, image_fd: int) -> None:
     """A free device someone else holds locked is skipped, not retried until exhaustion."""
     for _ in range(10):
@@ -433,6 +444,7 @@ def test_locked_free_device_is_skipped(ctl: LoopControl, image_fd: int) -> None:
                 assert time.monotonic() - start < 5
             finally:
                 lo.close()
+            _remove_if_unbound(ctl, lo.minor)  # it may have been added for us
             return
         finally:
             held.close()
