@@ -355,13 +355,37 @@ int ld_blkpg(int dev_fd, int op, int pno, long long start, long long length);
  * whether a scan is needed at all (it costs a third of an attach). */
 static nlink_t bare_unbound_nlink = 0;
 
+struct part_span {
+    int pno;
+    long long start, length; /* bytes */
+};
+
+static long long sysfs_sectors(const char *dir, const char *name, const char *attr)
+{
+    char path[160];
+    long long value = -1;
+    FILE *f;
+    snprintf(path, sizeof(path), "%s/%s/%s", dir, name, attr);
+    f = fopen(path, "re");
+    if (!f)
+        return -1;
+    if (fscanf(f, "%lld", &value) != 1)
+        value = -1;
+    fclose(f);
+    return value < 0 ? -1 : value * 512;
+}
+
+/* Delete every partition, or none: BLKPG refuses one that is open (EBUSY),
+ * and the ones deleted before it are added back, so a busy device is left
+ * as it was. Returns how many were deleted, or -errno. */
 int ld_del_partitions(int dev_fd, int minor, int unbound)
 {
     char path[64], prefix[32];
+    struct part_span parts[256];
     struct dirent *e;
     struct stat st;
     size_t plen;
-    int deleted = 0, err = 0, found = 0;
+    int n = 0, deleted = 0, err = 0;
     nlink_t bare = __atomic_load_n(&bare_unbound_nlink, __ATOMIC_RELAXED);
     DIR *d;
 
@@ -374,7 +398,7 @@ int ld_del_partitions(int dev_fd, int minor, int unbound)
     d = opendir(path);
     if (!d)
         return errno == ENOENT ? 0 : neg_errno();
-    while ((e = readdir(d)) != NULL) {
+    while ((e = readdir(d)) != NULL && n < 256) {
         char *end;
         long pno;
         if (strncmp(e->d_name, prefix, plen) != 0)
@@ -382,17 +406,31 @@ int ld_del_partitions(int dev_fd, int minor, int unbound)
         pno = strtol(e->d_name + plen, &end, 10);
         if (*end || pno <= 0)
             continue;
-        found = 1;
-        int r = ld_blkpg(dev_fd, BLKPG_DEL_PARTITION, (int)pno, 0, 0);
-        if (r == 0 || r == -ENXIO)
-            deleted++;
-        else if (!err)
-            err = r;
+        parts[n].pno = (int)pno;
+        parts[n].start = sysfs_sectors(path, e->d_name, "start");
+        parts[n].length = sysfs_sectors(path, e->d_name, "size");
+        n++;
     }
     closedir(d);
-    if (unbound && !found)
+    if (unbound && n == 0)
         __atomic_store_n(&bare_unbound_nlink, st.st_nlink, __ATOMIC_RELAXED);
-    return err ? err : deleted;
+    for (int i = 0; i < n; i++) {
+        int r = ld_blkpg(dev_fd, BLKPG_DEL_PARTITION, parts[i].pno, 0, 0);
+        if (r == 0 || r == -ENXIO) {
+            parts[deleted++] = parts[i]; /* compact: the first `deleted` are gone */
+            continue;
+        }
+        err = r;
+        break;
+    }
+    if (err) {
+        for (int i = 0; i < deleted; i++)
+            if (parts[i].start >= 0 && parts[i].length > 0)
+                ld_blkpg(dev_fd, BLKPG_ADD_PARTITION, parts[i].pno, parts[i].start,
+                         parts[i].length);
+        return err;
+    }
+    return deleted;
 }
 
 static int is_loop_node(int fd, int minor, struct ld_attach_res *res)
@@ -415,9 +453,11 @@ static void discard(const struct ld_attach_req *req, int fd)
         close(fd);
 }
 
-/* Minors this call gave up on for a reason that outlasts a retry (another
- * process holds the device locked, or a stale partition of it open). */
+/* One ld_attach call's state: its deadline, and the minors it gave up on for
+ * a reason that outlasts a retry (another process holds the device locked,
+ * or a stale partition of it open). */
 struct skip_list {
+    int64_t deadline;
     int n;
     int minors[64];
 };
@@ -452,13 +492,29 @@ static void register_atfork(void)
     pthread_atfork(NULL, NULL, reset_mutex_in_child);
 }
 
-static void lock_control(int ctl_fd)
+/* Non-blocking tries until the deadline: a holder that hangs (a stopped
+ * process) must not make us outlive our own bound. */
+static int lock_control(int ctl_fd, int64_t deadline)
 {
+    long delay_us = 50;
     pthread_once(&atfork_once, register_atfork);
-    pthread_mutex_lock(&alloc_mutex);
-    /* Python's signal handlers interrupt flock (no SA_RESTART). */
-    while (flock(ctl_fd, LOCK_EX) < 0 && errno == EINTR)
-        ;
+    while (pthread_mutex_trylock(&alloc_mutex) != 0) {
+        if (now_ms() > deadline)
+            return -ETIMEDOUT;
+        sleep_us(delay_us);
+        delay_us = delay_us < 500 ? delay_us * 2 : 500;
+    }
+    while (flock(ctl_fd, LOCK_EX | LOCK_NB) < 0) {
+        /* EINTR: Python's signal handlers are installed without SA_RESTART. */
+        if ((errno != EWOULDBLOCK && errno != EINTR) || now_ms() > deadline) {
+            int err = errno == EWOULDBLOCK ? -ETIMEDOUT : neg_errno();
+            pthread_mutex_unlock(&alloc_mutex);
+            return err;
+        }
+        sleep_us(delay_us);
+        delay_us = delay_us < 500 ? delay_us * 2 : 500;
+    }
+    return 0;
 }
 
 static void unlock_control(int ctl_fd)
@@ -477,7 +533,12 @@ static int attempt_once(const struct ld_attach_req *req, struct ld_attach_res *r
     /* Serialise with cooperating allocators (systemd does the same): between
      * GET_FREE and CONFIGURE another of them would pick the same minor. Lock
      * order: control first, device second. */
-    lock_control(req->ctl_fd);
+    r = lock_control(req->ctl_fd, skip->deadline);
+    if (r < 0) {
+        res->err = r == -ETIMEDOUT ? -EBUSY : r;
+        res->stage = r == -ETIMEDOUT ? LD_STAGE_EXHAUSTED : LD_STAGE_CONTROL;
+        return res->err;
+    }
     minor = ioctl(req->ctl_fd, LOOP_CTL_GET_FREE);
     /* GET_FREE names the lowest unbound minor again and again, so a device
      * we must skip would be offered until the retries run out: ask for a
@@ -519,7 +580,13 @@ static int attempt_once(const struct ld_attach_req *req, struct ld_attach_res *r
             res->stage = LD_STAGE_HOOK;
             return res->err; /* the hook has closed the device */
         }
-        lock_control(req->ctl_fd);
+        r = lock_control(req->ctl_fd, skip->deadline);
+        if (r < 0) {
+            discard(req, fd);
+            res->err = r == -ETIMEDOUT ? -EBUSY : r;
+            res->stage = r == -ETIMEDOUT ? LD_STAGE_EXHAUSTED : LD_STAGE_CONTROL;
+            return res->err;
+        }
     }
     if (req->lock && flock(fd, LOCK_EX | LOCK_NB) < 0) {
         res->err = neg_errno();
@@ -566,7 +633,7 @@ int ld_attach(const struct ld_attach_req *req, struct ld_attach_res *res)
     int64_t deadline = now_ms() + (req->timeout_ms > 0 ? req->timeout_ms : 30000);
     int attempts = req->max_attempts > 0 ? req->max_attempts : 64;
     unsigned seed = jitter_seed();
-    struct skip_list skip = { 0, { 0 } };
+    struct skip_list skip = { deadline, 0, { 0 } };
 
     memset(res, 0, sizeof(*res));
     res->fd = -1;

@@ -96,6 +96,14 @@ _STAGE_ERRORS: dict[int, tuple[type[errors.LoopError], str]] = {
 }
 
 
+_CONFIGURE_STAGES = (
+    lib.LD_STAGE_CONFIGURE,
+    lib.LD_STAGE_SET_FD,
+    lib.LD_STAGE_SET_STATUS,
+    lib.LD_STAGE_BLOCK_SIZE,
+)
+
+
 def _fail(
     err: int, what: str, device: str | None, backing: str | None, stage: int = 0
 ) -> errors.LoopError:
@@ -106,7 +114,7 @@ def _fail(
         return cls(code, message, device=device, backing=backing)
     if code == errno.EBUSY:
         return errors.DeviceBusy(code, f"device busy while {what}", device=device, backing=backing)
-    if stage in (lib.LD_STAGE_CONFIGURE, lib.LD_STAGE_SET_FD) and code in (
+    if stage in _CONFIGURE_STAGES and code in (
         errno.EBADF,
         errno.EINVAL,
         errno.EACCES,
@@ -226,11 +234,22 @@ class Config:
         self.file_name = file_name
 
 
-def _fill_config(raw: Any, config: Config) -> Any:
+def _fill_config(raw: Any, config: Config, backing_fd: int) -> Any:
     """Copy ``config`` into the C struct ``raw``; returns the name buffer to keep alive.
 
     Without a name the shim records the backing fd's own path.
     """
+    for field, value, bits in (
+        ("offset", config.offset, 64),
+        ("size limit", config.sizelimit, 64),
+        ("block size", config.block_size, 32),
+    ):
+        if not 0 <= value < 1 << bits:
+            raise errors.ConfigureError(
+                errno.EINVAL,
+                f"{field} {value} is out of range (0 to 2**{bits} - 1)",
+                backing=config.file_name or _fd_path(backing_fd),
+            )
     name = ffi.NULL
     if config.file_name is not None:
         name = ffi.new("char[]", os.fsencode(config.file_name))
@@ -256,7 +275,7 @@ def configure(
     """Bind and configure one device; on failure nothing stays bound."""
     stage = ffi.new("int *")
     raw = ffi.new("struct ld_config *")
-    _name = _fill_config(raw, config)
+    _name = _fill_config(raw, config, backing_fd)
     err = lib.ld_configure(dev_fd, backing_fd, raw, stage)
     if err < 0:
         what = _STAGE_WHAT.get(stage[0], "configuring")
@@ -329,7 +348,7 @@ def attach(
     req.lock = int(lock)
     req.max_attempts = max_attempts
     req.timeout_ms = int(timeout * 1000)
-    _name = _fill_config(req.config, config)
+    _name = _fill_config(req.config, config, backing_fd)
     hooks = None
     if on_open is not None:
         if on_discard is None:
