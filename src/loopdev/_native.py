@@ -11,7 +11,7 @@ import os
 
 from loopdev import errors
 from loopdev._loopdev_ffi import ffi, lib
-from loopdev.status import LoopInfo
+from loopdev.status import BYTES_FIELDS, INT_FIELDS, LoopInfo
 
 # Not ``typing.TYPE_CHECKING``: importing typing at run time costs more than
 # the rest of ``import loopdev`` together.
@@ -177,18 +177,10 @@ def get_status(fd: int, *, device: str | None = None) -> LoopInfo:
     if err < 0:
         raise OSError(-err, os.strerror(-err), device)
     info = LoopInfo()
-    info.lo_device = raw.lo_device
-    info.lo_inode = raw.lo_inode
-    info.lo_rdevice = raw.lo_rdevice
-    info.lo_offset = raw.lo_offset
-    info.lo_sizelimit = raw.lo_sizelimit
-    info.lo_number = raw.lo_number
-    info.lo_encrypt_type = raw.lo_encrypt_type
-    info.lo_encrypt_key_size = raw.lo_encrypt_key_size
-    info.lo_flags = raw.lo_flags
-    info.lo_file_name = _bytes(raw.lo_file_name)
-    info.lo_crypt_name = _bytes(raw.lo_crypt_name)
-    info.lo_encrypt_key = _bytes(raw.lo_encrypt_key)
+    for name in INT_FIELDS:
+        setattr(info, name, getattr(raw, name))
+    for name in BYTES_FIELDS:
+        setattr(info, name, _bytes(getattr(raw, name)))
     info.lo_init = (raw.lo_init[0], raw.lo_init[1])
     return info
 
@@ -196,18 +188,10 @@ def get_status(fd: int, *, device: str | None = None) -> LoopInfo:
 def set_status(fd: int, info: LoopInfo, *, device: str | None = None) -> None:
     """``LOOP_SET_STATUS64``, retrying the kernel's transient ``EAGAIN``."""
     raw = ffi.new("struct loop_info64 *")
-    raw.lo_device = info.lo_device
-    raw.lo_inode = info.lo_inode
-    raw.lo_rdevice = info.lo_rdevice
-    raw.lo_offset = info.lo_offset
-    raw.lo_sizelimit = info.lo_sizelimit
-    raw.lo_number = info.lo_number
-    raw.lo_encrypt_type = info.lo_encrypt_type
-    raw.lo_encrypt_key_size = info.lo_encrypt_key_size
-    raw.lo_flags = info.lo_flags
-    raw.lo_file_name = info.lo_file_name[:LO_NAME_SIZE]
-    raw.lo_crypt_name = info.lo_crypt_name[:LO_NAME_SIZE]
-    raw.lo_encrypt_key = info.lo_encrypt_key[: len(raw.lo_encrypt_key)]
+    for name in INT_FIELDS:
+        setattr(raw, name, getattr(info, name))
+    for name, size in BYTES_FIELDS.items():
+        setattr(raw, name, getattr(info, name)[:size])
     raw.lo_init = list(info.lo_init)
     check(lib.ld_set_status(fd, raw), "setting the device status (LOOP_SET_STATUS64)", device)
 

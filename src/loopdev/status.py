@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-_INT_FIELDS = (
+INT_FIELDS = (
     "lo_device",
     "lo_inode",
     "lo_rdevice",
@@ -15,13 +15,13 @@ _INT_FIELDS = (
     "lo_encrypt_key_size",
     "lo_flags",
 )
-_BYTES_FIELDS = {"lo_file_name": 64, "lo_crypt_name": 64, "lo_encrypt_key": 32}
+BYTES_FIELDS = {"lo_file_name": 64, "lo_crypt_name": 64, "lo_encrypt_key": 32}
 
 
 class LoopInfo:
     """``struct loop_info64``; a new one is all zeros. Byte fields are ``bytes``."""
 
-    __slots__ = (*_INT_FIELDS, *_BYTES_FIELDS, "lo_init")
+    __slots__ = (*INT_FIELDS, *BYTES_FIELDS, "lo_init")
 
     lo_device: int
     lo_inode: int
@@ -38,9 +38,9 @@ class LoopInfo:
     lo_init: tuple[int, int]
 
     def __init__(self) -> None:
-        for name in _INT_FIELDS:
+        for name in INT_FIELDS:
             setattr(self, name, 0)
-        for name, size in _BYTES_FIELDS.items():
+        for name, size in BYTES_FIELDS.items():
             setattr(self, name, bytes(size))
         self.lo_init = (0, 0)
 
