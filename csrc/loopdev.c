@@ -199,11 +199,6 @@ static int probe_configure(int dev_fd)
     return state;
 }
 
-int ld_configure_supported(void)
-{
-    return __atomic_load_n(&configure_state, __ATOMIC_RELAXED);
-}
-
 /* The kernel keeps whatever name it is given (losetup passes the path);
  * the full path is in sysfs, this copy is for LOOP_GET_STATUS64 readers. */
 static void set_file_name(struct loop_info64 *info, const struct ld_config *c)

@@ -117,4 +117,3 @@ int ld_attach(const struct ld_attach_req *req, struct ld_attach_res *res);
 int ld_blkpg(int dev_fd, int op, int pno, long long start, long long length);
 int ld_del_partitions(int dev_fd, int minor, int unbound);
 void ld_force_fallback(int on);
-int ld_configure_supported(void);

@@ -386,11 +386,5 @@ def force_fallback(on: bool) -> None:
     lib.ld_force_fallback(int(on))
 
 
-def configure_supported() -> bool | None:
-    """Whether this kernel has ``LOOP_CONFIGURE``; ``None`` before the first configure."""
-    state = int(lib.ld_configure_supported())
-    return None if state < 0 else bool(state)
-
-
 if os.environ.get("LOOPDEV_FORCE_FALLBACK") == "1":
     force_fallback(True)
