@@ -5,13 +5,18 @@ from pathlib import Path
 from cffi import FFI
 
 CSRC = Path(__file__).resolve().parent / "csrc"
+# The kernel's structs and numbers, the shim's own types (shim.h, also
+# included by loopdev.c), and the Python callbacks.
+CDEFS = ("kernel.cdef", "shim.h", "python.cdef")
 
 ffibuilder = FFI()
-ffibuilder.cdef((CSRC / "loopdev.h").read_text())
+ffibuilder.cdef("\n".join((CSRC / name).read_text() for name in CDEFS))
 ffibuilder.set_source(
     "loopdev._loopdev_ffi",
     (CSRC / "loopdev.c").read_text(),
-    extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"],
+    include_dirs=[str(CSRC)],
+    extra_compile_args=["-O2", "-Wall", "-pthread"],
+    extra_link_args=["-pthread"],
 )
 
 if __name__ == "__main__":

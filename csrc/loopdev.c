@@ -1,7 +1,8 @@
 /* loopdev native shim: thin ioctl wrappers and the allocate-configure-retry
- * loop. Every struct and number comes from the kernel headers. Functions
- * return 0 (or a non-negative result) on success and -errno on failure; they
- * never touch errno-dependent Python state, so cffi can release the GIL. */
+ * loop. Every kernel struct and number comes from the kernel headers, the
+ * shim's own types from shim.h. Functions return 0 (or a non-negative
+ * result) on success and -errno on failure; they never touch Python state,
+ * so cffi releases the GIL around them. */
 
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -9,13 +10,16 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/file.h>
 #include <sys/ioctl.h>
+#include <sys/mount.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
 #include <time.h>
@@ -29,19 +33,19 @@
 /* Fallbacks so the shim builds against headers older than the features; the
  * runtime decides whether the kernel has them. */
 #ifndef LO_FLAGS_PARTSCAN
-#define LO_FLAGS_PARTSCAN 8
+#define LO_FLAGS_PARTSCAN 8            /* 3.2 */
 #endif
 #ifndef LO_FLAGS_DIRECT_IO
-#define LO_FLAGS_DIRECT_IO 16
+#define LO_FLAGS_DIRECT_IO 16          /* 4.4 */
 #endif
 #ifndef LOOP_SET_DIRECT_IO
-#define LOOP_SET_DIRECT_IO 0x4C08
+#define LOOP_SET_DIRECT_IO 0x4C08      /* 4.4 */
 #endif
 #ifndef LOOP_SET_BLOCK_SIZE
-#define LOOP_SET_BLOCK_SIZE 0x4C09
+#define LOOP_SET_BLOCK_SIZE 0x4C09     /* 4.14 */
 #endif
 #ifndef LOOP_CONFIGURE
-#define LOOP_CONFIGURE 0x4C0A
+#define LOOP_CONFIGURE 0x4C0A          /* 5.8 */
 struct loop_config {
     __u32 fd;
     __u32 block_size;
@@ -50,47 +54,15 @@ struct loop_config {
 };
 #endif
 #ifndef BLKGETDISKSEQ
-#define BLKGETDISKSEQ _IOR(0x12, 128, __u64)
+#define BLKGETDISKSEQ _IOR(0x12, 128, __u64) /* 5.15 */
 #endif
 
-enum ld_stage {
-    LD_STAGE_NONE, LD_STAGE_CONTROL, LD_STAGE_GET_FREE, LD_STAGE_OPEN,
-    LD_STAGE_CHECK, LD_STAGE_HOOK, LD_STAGE_LOCK, LD_STAGE_CONFIGURE,
-    LD_STAGE_SET_FD, LD_STAGE_SET_STATUS, LD_STAGE_BLOCK_SIZE,
-    LD_STAGE_DIRECT_IO, LD_STAGE_VERIFY, LD_STAGE_EXHAUSTED, LD_STAGE_PARTITIONS
-};
+#include "shim.h"
 
-struct ld_config {
-    uint64_t offset;
-    uint64_t sizelimit;
-    uint32_t block_size;
-    uint32_t flags;
-    int direct_io;
-    const char *file_name;      /* recorded in lo_file_name (cut at 63); may be NULL */
-};
-
-struct ld_attach_req {
-    int ctl_fd;
-    int dev_dirfd;
-    int backing_fd;
-    int lock;
-    int max_attempts;
-    int timeout_ms;
-    struct ld_config config;
-    int (*on_open)(void *ctx, int minor, int fd);
-    void (*on_discard)(void *ctx, int fd);
-    void *ctx;
-};
-
-struct ld_attach_res {
-    int minor;
-    int fd;
-    int err;
-    int stage;
-    int retries;
-    uint64_t rdev;
-    uint32_t mode;
-};
+/* How long attach waits for the loop-control lock before going on without
+ * it: the lock only keeps cooperating allocators off each other's minors,
+ * and the retry loop survives those races anyway (losetup takes no lock). */
+#define CONTROL_LOCK_PATIENCE_MS 1000
 
 /* -1 unknown, 0 absent, 1 present; decided once per process by trying. */
 static int configure_state = -1;
@@ -98,13 +70,25 @@ static int force_fallback = 0;
 
 static int neg_errno(void) { return errno ? -errno : -EIO; }
 
-static int64_t now_ms(void)
+static int64_t now_us(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
 }
 
+/* Sleep with the caller's signal mask, or -EINTR as soon as a signal
+ * arrives. ld_attach blocks signals while it works and lets them in only
+ * here, atomically (ppoll), so one that came between two naps is not lost:
+ * Ctrl-C ends the wait, and the caller returns to Python, which runs the
+ * handler. */
+static int nap_us(long us, const sigset_t *mask)
+{
+    struct timespec ts = { us / 1000000, (us % 1000000) * 1000 };
+    return ppoll(NULL, 0, &ts, mask) < 0 && errno == EINTR ? -EINTR : 0;
+}
+
+/* A sleep that must complete (nothing may be left half done). */
 static void sleep_us(long us)
 {
     struct timespec ts = { us / 1000000, (us % 1000000) * 1000 };
@@ -119,19 +103,7 @@ static unsigned jitter_seed(void)
     return (unsigned)ts.tv_nsec ^ ((unsigned)getpid() << 16) ^ (unsigned)(uintptr_t)&ts;
 }
 
-/* Contention backoff (as systemd does): a few immediate retries, then a
- * random sleep whose ceiling grows from 10 ms to 250 ms, so that competing
- * allocators stop meeting on the same minor. */
-static void backoff(int attempt, unsigned *seed)
-{
-    long ceiling_us;
-    if (attempt <= 2)
-        return;
-    ceiling_us = 10000L << (attempt - 3 > 5 ? 5 : attempt - 3);
-    if (ceiling_us > 250000L)
-        ceiling_us = 250000L;
-    sleep_us(1000 + (long)(rand_r(seed) % ceiling_us));
-}
+/* ---------------------------------------------------------------- ioctls */
 
 int ld_ioctl(int fd, unsigned long request, unsigned long arg)
 {
@@ -144,9 +116,11 @@ int ld_get_status(int fd, struct loop_info64 *info)
     return ioctl(fd, LOOP_GET_STATUS64, info) < 0 ? neg_errno() : 0;
 }
 
-/* Since 5.0 SET_STATUS64 and SET_BLOCK_SIZE answer EAGAIN while the page
- * cache of the device cannot be dropped (typically udev or another reader
- * has it open for a moment): retry, bounded, with short growing sleeps. */
+/* Since 5.0 (commit 2b9ac22b12a2, "loop: Fix deadlock when calling
+ * blkdev_reread_part()") SET_STATUS64 and SET_BLOCK_SIZE answer EAGAIN while
+ * the page cache of the device cannot be dropped, typically because udev or
+ * another reader has it open for a moment: retry, bounded, with short
+ * growing sleeps (libblockdev PR #590, rauc PR #928). */
 static int ioctl_retry_eagain(int fd, unsigned long request, unsigned long arg)
 {
     long delay_us = 200;
@@ -177,14 +151,179 @@ int ld_get_int(int fd, unsigned long request, int *out)
     return ioctl(fd, request, out) < 0 ? neg_errno() : 0;
 }
 
+int ld_blkpg(int dev_fd, int op, int pno, long long start, long long length)
+{
+    struct blkpg_partition part;
+    struct blkpg_ioctl_arg arg;
+    memset(&part, 0, sizeof(part));
+    part.start = start;
+    part.length = length;
+    part.pno = pno;
+    memset(&arg, 0, sizeof(arg));
+    arg.op = op;
+    arg.datalen = sizeof(part);
+    arg.data = &part;
+    return ioctl(dev_fd, BLKPG, &arg) < 0 ? neg_errno() : 0;
+}
+
 void ld_force_fallback(int on)
 {
     __atomic_store_n(&force_fallback, on, __ATOMIC_RELAXED);
 }
 
-/* LOOP_CONFIGURE (5.8+) copies its argument before anything else, so a NULL
- * argument answers EFAULT where it exists. Unknown loop ioctls answer EINVAL,
- * compat layers ENOTTY, qemu-user ENOSYS. Trying beats kernel versions. */
+/* ------------------------------------------------------- stale partitions */
+
+/* Loop devices live below /sys/devices/virtual/block; a handle on that
+ * directory, opened once, makes each look-up one path component instead of
+ * the seven of /sys/block/loopN (a symlink). -1: sysfs unavailable. */
+static int sysfs_block_fd(void)
+{
+    static int fd = -2;
+    int cur = __atomic_load_n(&fd, __ATOMIC_ACQUIRE);
+    if (cur == -2) {
+        int mine = open("/sys/devices/virtual/block", O_PATH | O_DIRECTORY | O_CLOEXEC);
+        int expected = -2;
+        if (!__atomic_compare_exchange_n(&fd, &expected, mine, 0, __ATOMIC_ACQ_REL,
+                                         __ATOMIC_ACQUIRE)) {
+            if (mine >= 0)
+                close(mine);
+        }
+        cur = __atomic_load_n(&fd, __ATOMIC_ACQUIRE);
+    }
+    return cur;
+}
+
+struct part_span {
+    int pno;
+    long long start, length; /* bytes; -1 unknown */
+};
+
+static long long sysfs_bytes(int dirfd, const char *part, const char *attr)
+{
+    char path[96], buf[32];
+    long long sectors;
+    ssize_t n;
+    int fd;
+    snprintf(path, sizeof(path), "%s/%s", part, attr);
+    fd = openat(dirfd, path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    n = read(fd, buf, sizeof(buf) - 1);
+    close(fd);
+    if (n <= 0)
+        return -1;
+    buf[n] = 0;
+    sectors = strtoll(buf, NULL, 10);
+    return sectors < 0 ? -1 : sectors * 512; /* sysfs counts 512-byte sectors */
+}
+
+/* The partitions sysfs lists for loopN, at most `max`; -errno on failure. */
+static int list_partitions(int dev_dirfd, int index, struct part_span *parts, int max)
+{
+    char prefix[32];
+    size_t plen = (size_t)snprintf(prefix, sizeof(prefix), "loop%dp", index);
+    int n = 0, fd = dup(dev_dirfd);
+    struct dirent *e;
+    DIR *d;
+
+    if (fd < 0)
+        return neg_errno();
+    d = fdopendir(fd);
+    if (!d) {
+        close(fd);
+        return neg_errno();
+    }
+    while ((e = readdir(d)) != NULL && n < max) {
+        char *end;
+        long pno;
+        if (strncmp(e->d_name, prefix, plen) != 0)
+            continue;
+        pno = strtol(e->d_name + plen, &end, 10);
+        if (*end || pno <= 0)
+            continue;
+        parts[n].pno = (int)pno;
+        parts[n].start = sysfs_bytes(dev_dirfd, e->d_name, "start");
+        parts[n].length = sysfs_bytes(dev_dirfd, e->d_name, "size");
+        n++;
+    }
+    closedir(d);
+    return n;
+}
+
+/* A partition is a subdirectory of the device's sysfs directory, so its link
+ * count grows with each one. The count without partitions is learnt from
+ * full scans, separately for a bound device (it has a loop/ subdirectory)
+ * and an unbound one; afterwards one stat tells whether a scan is needed at
+ * all (a scan costs a third of an attach). The smallest count seen wins: a
+ * state that changed under a scan can only make later checks scan more. */
+static nlink_t bare_nlink[2];
+
+static void learn_bare_nlink(int bound, nlink_t nlink)
+{
+    nlink_t cur = __atomic_load_n(&bare_nlink[bound], __ATOMIC_RELAXED);
+    if (cur == 0 || nlink < cur)
+        __atomic_store_n(&bare_nlink[bound], nlink, __ATOMIC_RELAXED);
+}
+
+/* Delete every partition of loopN, or none: BLKPG refuses one that is open
+ * (EBUSY), and the ones deleted before it are added back, so a busy device
+ * is left as it was. Partitions added with BLKPG to a device without
+ * partscan survive LOOP_CLR_FD and come back when the minor is bound to
+ * another file, now pointing into it (measured on 6.18). Returns how many
+ * were deleted, or -errno. */
+static int del_partitions(int dev_fd, int index, int bound)
+{
+    struct part_span parts[256];
+    char name[32];
+    struct stat st;
+    int sysfs = sysfs_block_fd(), n, deleted = 0, r = 0, dirfd;
+    nlink_t bare;
+
+    if (sysfs < 0)
+        return 0; /* no sysfs to find partitions with */
+    snprintf(name, sizeof(name), "loop%d", index);
+    if (fstatat(sysfs, name, &st, 0) < 0)
+        return errno == ENOENT ? 0 : neg_errno();
+    bare = __atomic_load_n(&bare_nlink[bound], __ATOMIC_RELAXED);
+    if (bare && st.st_nlink <= bare)
+        return 0;
+    dirfd = openat(sysfs, name, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dirfd < 0)
+        return errno == ENOENT ? 0 : neg_errno();
+    n = list_partitions(dirfd, index, parts, 256);
+    close(dirfd);
+    if (n < 0)
+        return n;
+    learn_bare_nlink(bound, st.st_nlink - (nlink_t)n);
+    for (int i = 0; i < n && r == 0; i++) {
+        r = ld_blkpg(dev_fd, BLKPG_DEL_PARTITION, parts[i].pno, 0, 0);
+        if (r == -ENXIO)
+            r = 0; /* deleted by someone else meanwhile */
+        if (r == 0)
+            parts[deleted++] = parts[i]; /* compact: the first `deleted` are gone */
+    }
+    if (r < 0) {
+        for (int i = 0; i < deleted; i++)
+            if (parts[i].start >= 0 && parts[i].length > 0)
+                ld_blkpg(dev_fd, BLKPG_ADD_PARTITION, parts[i].pno, parts[i].start,
+                         parts[i].length);
+        return r;
+    }
+    return deleted;
+}
+
+int ld_del_partitions(int dev_fd, int index)
+{
+    struct loop_info64 info;
+    return del_partitions(dev_fd, index, ioctl(dev_fd, LOOP_GET_STATUS64, &info) == 0);
+}
+
+/* -------------------------------------------------------------- configure */
+
+/* LOOP_CONFIGURE (5.8, commit 3448914e8cc5) copies its argument before
+ * anything else, so a NULL argument answers EFAULT where it exists. Unknown
+ * loop ioctls answer EINVAL, compat layers ENOTTY, qemu-user ENOSYS. Trying
+ * beats kernel versions. */
 static int probe_configure(int dev_fd)
 {
     int state = __atomic_load_n(&configure_state, __ATOMIC_RELAXED);
@@ -199,12 +338,20 @@ static int probe_configure(int dev_fd)
     return state;
 }
 
-/* The kernel keeps whatever name it is given (losetup passes the path);
- * the full path is in sysfs, this copy is for LOOP_GET_STATUS64 readers. */
-static void set_file_name(struct loop_info64 *info, const struct ld_config *c)
+/* lo_file_name is what GET_STATUS64 readers (losetup on old kernels, the
+ * classic module's users) see: the caller's name, else the backing fd's path
+ * as the kernel would cut it (LO_NAME_SIZE - 1 bytes and a NUL). */
+static void set_file_name(struct loop_info64 *info, const struct ld_config *c, int backing_fd)
 {
-    if (c->file_name)
+    char link[32];
+    ssize_t n;
+    if (c->file_name) {
         strncpy((char *)info->lo_file_name, c->file_name, LO_NAME_SIZE - 1);
+        return;
+    }
+    snprintf(link, sizeof(link), "/proc/self/fd/%d", backing_fd);
+    n = readlink(link, (char *)info->lo_file_name, LO_NAME_SIZE - 1);
+    info->lo_file_name[n > 0 ? n : 0] = 0;
 }
 
 static int bind_configure(int dev_fd, int backing_fd, const struct ld_config *c, int *stage)
@@ -217,64 +364,100 @@ static int bind_configure(int dev_fd, int backing_fd, const struct ld_config *c,
     lc.info.lo_sizelimit = c->sizelimit;
     lc.info.lo_flags = c->flags & (LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR);
     /* Asking for direct I/O here costs nothing; LOOP_SET_DIRECT_IO later
-     * freezes the queue (about 17 ms). The kernel falls back to buffered
-     * I/O where the file refuses O_DIRECT; the step below and verify()
-     * handle that. */
+     * freezes the queue (about 17 ms on 6.18). The kernel falls back to
+     * buffered I/O where the file refuses O_DIRECT; ld_configure's direct
+     * I/O step and verify() handle that. */
     if (c->direct_io)
         lc.info.lo_flags |= LO_FLAGS_DIRECT_IO;
-    set_file_name(&lc.info, c);
+    set_file_name(&lc.info, c, backing_fd);
     *stage = LD_STAGE_CONFIGURE;
     return ioctl(dev_fd, LOOP_CONFIGURE, &lc) < 0 ? neg_errno() : 0;
 }
 
-/* Old kernels: SET_FD, then SET_STATUS64, then SET_BLOCK_SIZE. SET_FD takes
- * read-only from the backing fd's mode (SET_STATUS64 cannot set it), so a
- * read-only device over a writable fd needs a read-only reopen. Returns
- * 1 when bound (the caller clears it on a later failure). */
-static int bind_legacy(int dev_fd, int backing_fd, const struct ld_config *c, int *stage, int *bound)
+/* LOOP_SET_FD takes read-only from the backing fd's mode (SET_STATUS64
+ * cannot set it), so a read-only device over a writable fd binds a
+ * read-only reopen of the same file. */
+static int set_fd(int dev_fd, int backing_fd, const struct ld_config *c)
 {
-    struct loop_info64 info;
     int bind_fd = backing_fd, r;
-
     if ((c->flags & LO_FLAGS_READ_ONLY) && (fcntl(backing_fd, F_GETFL) & O_ACCMODE) != O_RDONLY) {
-        char path[64];
+        char path[32];
         snprintf(path, sizeof(path), "/proc/self/fd/%d", backing_fd);
         bind_fd = open(path, O_RDONLY | O_CLOEXEC);
-        if (bind_fd < 0) {
-            *stage = LD_STAGE_SET_FD;
+        if (bind_fd < 0)
             return neg_errno();
-        }
     }
-    *stage = LD_STAGE_SET_FD;
     r = ioctl(dev_fd, LOOP_SET_FD, (unsigned long)bind_fd) < 0 ? neg_errno() : 0;
     if (bind_fd != backing_fd)
         close(bind_fd);
+    return r;
+}
+
+/* Kernels before 5.8: SET_FD, then SET_STATUS64, then SET_BLOCK_SIZE. Sets
+ * *bound once SET_FD succeeded (the caller clears it on a later failure). */
+static int bind_legacy(int dev_fd, int backing_fd, const struct ld_config *c, int *stage,
+                       int *bound)
+{
+    struct loop_info64 info;
+    int r;
+
+    *stage = LD_STAGE_SET_FD;
+    r = set_fd(dev_fd, backing_fd, c);
     if (r < 0)
         return r;
     *bound = 1;
-
     memset(&info, 0, sizeof(info));
     info.lo_offset = c->offset;
     info.lo_sizelimit = c->sizelimit;
     info.lo_flags = c->flags & LO_FLAGS_AUTOCLEAR;
-    set_file_name(&info, c);
+    set_file_name(&info, c, backing_fd);
     *stage = LD_STAGE_SET_STATUS;
     r = ld_set_status(dev_fd, &info);
-    if (r < 0)
-        return r;
-    if (c->block_size) {
+    if (r == 0 && c->block_size) {
         *stage = LD_STAGE_BLOCK_SIZE;
         r = ioctl_retry_eagain(dev_fd, LOOP_SET_BLOCK_SIZE, c->block_size);
     }
     return r;
 }
 
+/* Partscan goes on only after the device is configured: configuring with it
+ * at once sends a change event before the scan, and a prober opening the
+ * device then triggers a second scan that drops and re-adds every partition
+ * (systemd PR #41425). Passing the flags again also survives kernels that
+ * cleared PARTSCAN on every SET_STATUS64 (fixed by commit 5aa21b0495df). */
+static int enable_partscan(int dev_fd, int *stage)
+{
+    struct loop_info64 info;
+    int r;
+    *stage = LD_STAGE_SET_STATUS;
+    r = ld_get_status(dev_fd, &info);
+    if (r < 0)
+        return r;
+    info.lo_flags = (info.lo_flags & (LO_FLAGS_AUTOCLEAR | LO_FLAGS_PARTSCAN)) | LO_FLAGS_PARTSCAN;
+    return ld_set_status(dev_fd, &info);
+}
+
+/* Where LOOP_CONFIGURE did not turn direct I/O on (fallback path), ask for
+ * it; "try" (1) keeps buffered I/O when the backing file refuses O_DIRECT. */
+static int enable_direct_io(int dev_fd, const struct ld_config *c, int *stage)
+{
+    struct loop_info64 info;
+    int r;
+    *stage = LD_STAGE_DIRECT_IO;
+    r = ld_get_status(dev_fd, &info);
+    if (r == 0 && !(info.lo_flags & LO_FLAGS_DIRECT_IO))
+        r = ioctl(dev_fd, LOOP_SET_DIRECT_IO, 1UL) < 0 ? neg_errno() : 0;
+    return r < 0 && c->direct_io == 1 ? 0 : r;
+}
+
 /* Read back what the kernel applied: vanilla 5.8 ignored sizelimit and
- * partscan in LOOP_CONFIGURE, and direct I/O can be refused silently. */
+ * partscan in LOOP_CONFIGURE (util-linux PR #1152), and direct I/O can be
+ * refused silently. */
 static int verify(int dev_fd, const struct ld_config *c)
 {
     struct loop_info64 info;
     uint32_t want = c->flags & (LO_FLAGS_AUTOCLEAR | LO_FLAGS_PARTSCAN);
+    int bs = 0;
     if (ioctl(dev_fd, LOOP_GET_STATUS64, &info) < 0)
         return neg_errno();
     if (info.lo_offset != c->offset || info.lo_sizelimit != c->sizelimit)
@@ -285,200 +468,63 @@ static int verify(int dev_fd, const struct ld_config *c)
         return -EINVAL;
     if (c->direct_io == 2 && !(info.lo_flags & LO_FLAGS_DIRECT_IO))
         return -EINVAL;
-    if (c->block_size) {
-        int bs = 0;
-        if (ioctl(dev_fd, BLKSSZGET, &bs) < 0)
-            return neg_errno();
-        if ((uint32_t)bs != c->block_size)
-            return -EINVAL;
-    }
-    return 0;
+    if (!c->block_size)
+        return 0;
+    if (ioctl(dev_fd, BLKSSZGET, &bs) < 0)
+        return neg_errno();
+    return (uint32_t)bs == c->block_size ? 0 : -EINVAL;
 }
 
-int ld_configure(int dev_fd, int backing_fd, const struct ld_config *c, int *stage)
+/* Bind and configure an open, unbound device; on failure nothing stays
+ * bound. Since 3.7 LOOP_CLR_FD on a device others hold open only marks it
+ * autoclear; the unbind then happens when the last opener (normally our
+ * caller, who closes the fd) goes (libblockdev #1170 leaked here). */
+static int configure(int dev_fd, int backing_fd, const struct ld_config *c, int *stage)
 {
     int bound = 0, r;
-    int legacy = __atomic_load_n(&force_fallback, __ATOMIC_RELAXED) || !probe_configure(dev_fd);
-
-    if (legacy) {
+    if (__atomic_load_n(&force_fallback, __ATOMIC_RELAXED) || !probe_configure(dev_fd)) {
         r = bind_legacy(dev_fd, backing_fd, c, stage, &bound);
     } else {
         r = bind_configure(dev_fd, backing_fd, c, stage);
         bound = r == 0;
     }
-    /* Partscan goes on only after the device is configured: configuring with
-     * it at once sends a change event before the scan, and a prober opening
-     * the device then triggers a second scan that drops and re-adds every
-     * partition (systemd PR #41425). Passing the full flags again also
-     * survives kernels that cleared PARTSCAN on every SET_STATUS64. */
-    if (r == 0 && (c->flags & LO_FLAGS_PARTSCAN)) {
-        struct loop_info64 info;
-        *stage = LD_STAGE_SET_STATUS;
-        r = ld_get_status(dev_fd, &info);
-        if (r == 0) {
-            info.lo_flags = (info.lo_flags & (LO_FLAGS_AUTOCLEAR | LO_FLAGS_PARTSCAN)) |
-                            LO_FLAGS_PARTSCAN;
-            r = ld_set_status(dev_fd, &info);
-        }
-    }
-    if (r == 0 && c->direct_io) {
-        struct loop_info64 info;
-        *stage = LD_STAGE_DIRECT_IO;
-        r = ld_get_status(dev_fd, &info);
-        if (r == 0 && !(info.lo_flags & LO_FLAGS_DIRECT_IO))
-            r = ioctl(dev_fd, LOOP_SET_DIRECT_IO, 1UL) < 0 ? neg_errno() : 0;
-        if (r < 0 && c->direct_io == 1)
-            r = 0; /* "try": a backing file without O_DIRECT keeps buffered I/O */
-    }
+    if (r == 0 && (c->flags & LO_FLAGS_PARTSCAN))
+        r = enable_partscan(dev_fd, stage);
+    if (r == 0 && c->direct_io)
+        r = enable_direct_io(dev_fd, c, stage);
     if (r == 0) {
         *stage = LD_STAGE_VERIFY;
         r = verify(dev_fd, c);
     }
-    if (r < 0 && bound) {
-        /* Never leave a half-configured device behind (libblockdev #1170).
-         * Since 6.x CLR_FD only marks autoclear; the unbind happens when the
-         * last opener, normally our caller, closes the device. */
-        int saved = r;
+    if (r < 0 && bound)
         ioctl(dev_fd, LOOP_CLR_FD, 0);
-        r = saved;
-    }
     if (r == 0)
         *stage = LD_STAGE_NONE;
     return r;
 }
 
-int ld_blkpg(int dev_fd, int op, int pno, long long start, long long length);
-
-/* Partitions added with BLKPG to a device without partscan survive
- * LOOP_CLR_FD and come back when the minor is bound to another file, now
- * pointing into it (measured on 6.18). Delete every partition sysfs lists.
- * Returns how many were deleted, or -errno (EBUSY: one is still open). */
-/* A partition is a subdirectory of /sys/block/loopN, so the directory's link
- * count grows with each one. The count of an unbound device without
- * partitions is learnt from a full scan that found none; later a stat tells
- * whether a scan is needed at all (it costs a third of an attach). */
-static nlink_t bare_unbound_nlink = 0;
-
-struct part_span {
-    int pno;
-    long long start, length; /* bytes */
-};
-
-static long long sysfs_sectors(const char *dir, const char *name, const char *attr)
+/* The one place that binds: partitions an earlier binding left go first
+ * (they would point into the new file), then configure. */
+static int bind_fresh(int dev_fd, int index, int bound, int backing_fd,
+                      const struct ld_config *config,
+                      int *stage)
 {
-    char path[160];
-    long long value = -1;
-    FILE *f;
-    snprintf(path, sizeof(path), "%s/%s/%s", dir, name, attr);
-    f = fopen(path, "re");
-    if (!f)
-        return -1;
-    if (fscanf(f, "%lld", &value) != 1)
-        value = -1;
-    fclose(f);
-    return value < 0 ? -1 : value * 512;
-}
-
-/* Delete every partition, or none: BLKPG refuses one that is open (EBUSY),
- * and the ones deleted before it are added back, so a busy device is left
- * as it was. Returns how many were deleted, or -errno. */
-int ld_del_partitions(int dev_fd, int minor, int unbound)
-{
-    char path[64], prefix[32];
-    struct part_span parts[256];
-    struct dirent *e;
-    struct stat st;
-    size_t plen;
-    int n = 0, deleted = 0, err = 0;
-    nlink_t bare = __atomic_load_n(&bare_unbound_nlink, __ATOMIC_RELAXED);
-    DIR *d;
-
-    snprintf(path, sizeof(path), "/sys/block/loop%d", minor);
-    plen = (size_t)snprintf(prefix, sizeof(prefix), "loop%dp", minor);
-    if (stat(path, &st) < 0)
-        return errno == ENOENT ? 0 : neg_errno();
-    if (unbound && bare && st.st_nlink <= bare)
-        return 0;
-    d = opendir(path);
-    if (!d)
-        return errno == ENOENT ? 0 : neg_errno();
-    while ((e = readdir(d)) != NULL && n < 256) {
-        char *end;
-        long pno;
-        if (strncmp(e->d_name, prefix, plen) != 0)
-            continue;
-        pno = strtol(e->d_name + plen, &end, 10);
-        if (*end || pno <= 0)
-            continue;
-        parts[n].pno = (int)pno;
-        parts[n].start = sysfs_sectors(path, e->d_name, "start");
-        parts[n].length = sysfs_sectors(path, e->d_name, "size");
-        n++;
+    int r = del_partitions(dev_fd, index, bound);
+    if (r < 0) {
+        *stage = LD_STAGE_PARTITIONS;
+        return r;
     }
-    closedir(d);
-    if (unbound && n == 0)
-        __atomic_store_n(&bare_unbound_nlink, st.st_nlink, __ATOMIC_RELAXED);
-    for (int i = 0; i < n; i++) {
-        int r = ld_blkpg(dev_fd, BLKPG_DEL_PARTITION, parts[i].pno, 0, 0);
-        if (r == 0 || r == -ENXIO) {
-            parts[deleted++] = parts[i]; /* compact: the first `deleted` are gone */
-            continue;
-        }
-        err = r;
-        break;
-    }
-    if (err) {
-        for (int i = 0; i < deleted; i++)
-            if (parts[i].start >= 0 && parts[i].length > 0)
-                ld_blkpg(dev_fd, BLKPG_ADD_PARTITION, parts[i].pno, parts[i].start,
-                         parts[i].length);
-        return err;
-    }
-    return deleted;
+    return configure(dev_fd, backing_fd, config, stage);
 }
 
-static int is_loop_node(int fd, int minor, struct ld_attach_res *res)
+int ld_bind(int dev_fd, int index, int backing_fd, const struct ld_config *config, int *stage)
 {
-    struct stat st;
-    if (fstat(fd, &st) < 0)
-        return neg_errno();
-    if (S_ISBLK(st.st_mode) && major(st.st_rdev) == LOOP_MAJOR && (int)minor(st.st_rdev) == minor)
-        return 0;
-    res->rdev = st.st_rdev;
-    res->mode = st.st_mode;
-    return -ENODEV;
+    struct loop_info64 info;
+    int bound = ioctl(dev_fd, LOOP_GET_STATUS64, &info) == 0;
+    return bind_fresh(dev_fd, index, bound, backing_fd, config, stage);
 }
 
-static void discard(const struct ld_attach_req *req, int fd)
-{
-    if (req->on_open)
-        req->on_discard(req->ctx, fd);
-    else
-        close(fd);
-}
-
-/* One ld_attach call's state: its deadline, and the minors it gave up on for
- * a reason that outlasts a retry (another process holds the device locked,
- * or a stale partition of it open). */
-struct skip_list {
-    int64_t deadline;
-    int n;
-    int minors[64];
-};
-
-static int skipped(const struct skip_list *skip, int minor)
-{
-    for (int i = 0; i < skip->n; i++)
-        if (skip->minors[i] == minor)
-            return 1;
-    return 0;
-}
-
-static void skip_minor(struct skip_list *skip, int minor)
-{
-    if (skip->n < (int)(sizeof(skip->minors) / sizeof(skip->minors[0])))
-        skip->minors[skip->n++] = minor;
-}
+/* ------------------------------------------------------ the loop-control lock */
 
 /* flock on loop-control excludes other processes, but not threads sharing
  * one open file (nor children forked with it): a process-wide mutex covers
@@ -496,29 +542,47 @@ static void register_atfork(void)
     pthread_atfork(NULL, NULL, reset_mutex_in_child);
 }
 
-/* Non-blocking tries until the deadline: a holder that hangs (a stopped
- * process) must not make us outlive our own bound. */
-static int lock_control(int ctl_fd, int64_t deadline)
+/* Short jittered naps while another allocator holds the lock: it holds it
+ * for one configure (tens of microseconds), so waiters must look again soon
+ * to be served in about the order they came. */
+static int wait_turn(int *round, unsigned *seed, const sigset_t *mask)
 {
-    long delay_us = 50;
+    long ceiling = 20L << (*round < 3 ? *round : 3);
+    (*round)++;
+    return nap_us(ceiling / 2 + (long)(rand_r(seed) % (unsigned)ceiling), mask);
+}
+
+/* 1 locked, 0 not (gave up, or flock unsupported), -EINTR. */
+static int flock_control(int ctl_fd, int64_t give_up, int *round, unsigned *seed,
+                         const sigset_t *mask)
+{
+    while (flock(ctl_fd, LOCK_EX | LOCK_NB) < 0) {
+        if (errno == EINTR)
+            return -EINTR;
+        if (errno != EWOULDBLOCK || now_us() > give_up)
+            return 0;
+        if (wait_turn(round, seed, mask) < 0)
+            return -EINTR;
+    }
+    return 1;
+}
+
+/* Returns 1 locked, 0 gave up (go on without the lock), -EINTR. Past
+ * give_up it only tries once. */
+static int lock_control(int ctl_fd, int64_t give_up, unsigned *seed, const sigset_t *mask)
+{
+    int round = 0, r;
     pthread_once(&atfork_once, register_atfork);
     while (pthread_mutex_trylock(&alloc_mutex) != 0) {
-        if (now_ms() > deadline)
-            return -ETIMEDOUT;
-        sleep_us(delay_us);
-        delay_us = delay_us < 500 ? delay_us * 2 : 500;
+        if (now_us() > give_up)
+            return 0;
+        if (wait_turn(&round, seed, mask) < 0)
+            return -EINTR;
     }
-    while (flock(ctl_fd, LOCK_EX | LOCK_NB) < 0) {
-        /* EINTR: Python's signal handlers are installed without SA_RESTART. */
-        if ((errno != EWOULDBLOCK && errno != EINTR) || now_ms() > deadline) {
-            int err = errno == EWOULDBLOCK ? -ETIMEDOUT : neg_errno();
-            pthread_mutex_unlock(&alloc_mutex);
-            return err;
-        }
-        sleep_us(delay_us);
-        delay_us = delay_us < 500 ? delay_us * 2 : 500;
-    }
-    return 0;
+    r = flock_control(ctl_fd, give_up, &round, seed, mask);
+    if (r <= 0)
+        pthread_mutex_unlock(&alloc_mutex);
+    return r;
 }
 
 static void unlock_control(int ctl_fd)
@@ -527,150 +591,333 @@ static void unlock_control(int ctl_fd)
     pthread_mutex_unlock(&alloc_mutex);
 }
 
-/* One attempt's outcome: 0 done, 1 transient (try another round), <0 fatal. */
-static int attempt_once(const struct ld_attach_req *req, struct ld_attach_res *res,
-                        struct skip_list *skip)
+/* ------------------------------------------------------------ attach loop */
+
+/* One ld_attach call's state: its deadline, the jitter seed, and the indexes
+ * it gave up on for a reason that outlasts a retry (another process holds
+ * the device locked, or a stale partition of it open). */
+struct attach_state {
+    int64_t deadline;
+    int64_t lock_give_up; /* patience for the loop-control lock, per call */
+    sigset_t sigmask;     /* the caller's, let in while napping */
+    unsigned seed;
+    int nskip;
+    int skip[64];
+};
+
+/* One attempt's resources: released by attempt_once's single exit. */
+struct attempt {
+    int index;
+    int fd;
+    int locked; /* holds the loop-control lock */
+};
+
+#define TRANSIENT 1 /* an attempt's outcome: another round may succeed */
+
+static int fail(struct ld_attach_res *res, int stage, int err)
+{
+    res->stage = stage;
+    res->err = err;
+    return err;
+}
+
+static int retry(struct ld_attach_res *res, int stage, int err)
+{
+    fail(res, stage, err);
+    return TRANSIENT;
+}
+
+static int skipped(const struct attach_state *s, int index)
+{
+    for (int i = 0; i < s->nskip; i++)
+        if (s->skip[i] == index)
+            return 1;
+    return 0;
+}
+
+static int skip_index(struct attach_state *s, int index)
+{
+    if (s->nskip < (int)(sizeof(s->skip) / sizeof(s->skip[0])))
+        s->skip[s->nskip++] = index;
+    return TRANSIENT;
+}
+
+/* Serialise with cooperating allocators (systemd does the same): between
+ * GET_FREE and CONFIGURE another of them would pick the same minor. Lock
+ * order: control first, device second. */
+static int take_control(const struct ld_attach_req *req, struct ld_attach_res *res,
+                        struct attach_state *s, struct attempt *a)
+{
+    int r = lock_control(req->ctl_fd, s->lock_give_up, &s->seed, &s->sigmask);
+    if (r < 0)
+        return fail(res, LD_STAGE_INTERRUPTED, r);
+    a->locked = r;
+    if (!r)
+        res->unlocked = 1;
+    return 0;
+}
+
+/* GET_FREE names the lowest unbound index again and again, so one we must
+ * skip would be offered until the retries ran out: ask for a new one. */
+static int pick_index(const struct ld_attach_req *req, struct ld_attach_res *res,
+                      struct attach_state *s, struct attempt *a)
+{
+    int index = ioctl(req->ctl_fd, LOOP_CTL_GET_FREE);
+    if (index >= 0 && skipped(s, index))
+        index = ioctl(req->ctl_fd, LOOP_CTL_ADD, -1);
+    if (index < 0)
+        return fail(res, LD_STAGE_GET_FREE, neg_errno());
+    a->index = res->index = index;
+    return 0;
+}
+
+static int sysfs_has(int index)
 {
     char name[32];
-    int minor, fd, r, stage;
+    int sysfs = sysfs_block_fd();
+    snprintf(name, sizeof(name), "loop%d", index);
+    return sysfs >= 0 && faccessat(sysfs, name, F_OK, 0) == 0;
+}
 
-    /* Serialise with cooperating allocators (systemd does the same): between
-     * GET_FREE and CONFIGURE another of them would pick the same minor. Lock
-     * order: control first, device second. */
-    r = lock_control(req->ctl_fd, skip->deadline);
-    if (r < 0) {
-        res->err = r == -ETIMEDOUT ? -EBUSY : r;
-        res->stage = r == -ETIMEDOUT ? LD_STAGE_EXHAUSTED : LD_STAGE_CONTROL;
-        return res->err;
+/* The device through a node of our own, made where dev_dirfd had none (a
+ * container's static /dev) or a wrong one: in a fresh root-only directory,
+ * opened, then unlinked with its directory, so nothing persists. The node's
+ * numbers come from the part_shift the caller read from sysfs. */
+int ld_open_private(int dirfd, int index, int part_shift)
+{
+    static unsigned serial;
+    char dir[48], name[32];
+    dev_t devt = makedev(LOOP_MAJOR, (unsigned)index << part_shift);
+    int dfd, fd = -1, r = 0;
+
+    snprintf(dir, sizeof(dir), ".loopdev-%d-%x", getpid(),
+             __atomic_fetch_add(&serial, 1, __ATOMIC_RELAXED));
+    snprintf(name, sizeof(name), "loop%d", index);
+    if (mkdirat(dirfd, dir, 0700) < 0)
+        return neg_errno();
+    dfd = openat(dirfd, dir, O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (dfd < 0)
+        r = neg_errno();
+    else if (mknodat(dfd, name, S_IFBLK | 0600, devt) < 0)
+        r = neg_errno();
+    else {
+        fd = openat(dfd, name, O_RDWR | O_CLOEXEC);
+        if (fd < 0)
+            r = neg_errno();
+        unlinkat(dfd, name, 0);
     }
-    minor = ioctl(req->ctl_fd, LOOP_CTL_GET_FREE);
-    /* GET_FREE names the lowest unbound minor again and again, so a device
-     * we must skip would be offered until the retries run out: ask for a
-     * new device instead. */
-    if (minor >= 0 && skipped(skip, minor))
-        minor = ioctl(req->ctl_fd, LOOP_CTL_ADD, -1);
-    if (minor < 0) {
-        res->err = neg_errno();
-        res->stage = LD_STAGE_GET_FREE;
-        unlock_control(req->ctl_fd);
-        return res->err;
-    }
-    res->minor = minor;
-    snprintf(name, sizeof(name), "loop%d", minor);
-    fd = openat(req->dev_dirfd, name, O_RDWR | O_CLOEXEC);
-    if (fd < 0) {
-        res->err = neg_errno();
-        res->stage = LD_STAGE_OPEN;
-        unlock_control(req->ctl_fd);
-        /* Since 6.x opening a device in autoclear rundown, or one being
-         * removed, answers ENXIO (ENOENT once the node is gone): another
-         * process released it right after GET_FREE named it. */
-        return (res->err == -ENXIO || res->err == -ENOENT) ? 1 : res->err;
-    }
-    r = is_loop_node(fd, minor, res);
-    if (r < 0) {
-        close(fd);
-        unlock_control(req->ctl_fd);
-        res->err = r;
-        res->stage = LD_STAGE_CHECK;
-        return r;
-    }
-    if (req->on_open) {
-        /* The hook runs Python code of the caller's: do not hold the control
-         * lock across it (it may allocate devices itself). */
-        unlock_control(req->ctl_fd);
-        if (req->on_open(req->ctx, minor, fd) != 0) {
-            res->err = -ECANCELED;
-            res->stage = LD_STAGE_HOOK;
-            return res->err; /* the hook has closed the device */
-        }
-        r = lock_control(req->ctl_fd, skip->deadline);
-        if (r < 0) {
-            discard(req, fd);
-            res->err = r == -ETIMEDOUT ? -EBUSY : r;
-            res->stage = r == -ETIMEDOUT ? LD_STAGE_EXHAUSTED : LD_STAGE_CONTROL;
-            return res->err;
-        }
-    }
-    if (req->lock && flock(fd, LOCK_EX | LOCK_NB) < 0) {
-        res->err = neg_errno();
-        res->stage = LD_STAGE_LOCK;
-        discard(req, fd);
-        unlock_control(req->ctl_fd);
-        if (res->err != -EWOULDBLOCK)
-            return res->err;
-        skip_minor(skip, minor);
-        return 1;
-    }
-    r = ld_del_partitions(fd, minor, 1);
-    if (r < 0) {
-        res->err = r;
-        res->stage = LD_STAGE_PARTITIONS;
-        discard(req, fd);
-        unlock_control(req->ctl_fd);
-        if (r != -EBUSY)
-            return r;
-        skip_minor(skip, minor); /* a stale partition is open: use another device */
-        return 1;
-    }
-    r = ld_configure(fd, req->backing_fd, &req->config, &stage);
-    unlock_control(req->ctl_fd);
-    if (r == 0) {
-        res->fd = fd;
-        res->err = 0;
-        res->stage = LD_STAGE_NONE;
+    if (dfd >= 0)
+        close(dfd);
+    unlinkat(dirfd, dir, AT_REMOVEDIR);
+    return r < 0 ? r : fd;
+}
+
+/* 0: fd is block device loopN. */
+static int check_node(const struct ld_attach_req *req, struct ld_attach_res *res, int index,
+                      int fd)
+{
+    struct stat st;
+    if (fstat(fd, &st) < 0)
+        return neg_errno();
+    if (S_ISBLK(st.st_mode) &&
+        st.st_rdev == makedev(LOOP_MAJOR, (unsigned)index << req->part_shift))
         return 0;
+    res->rdev = st.st_rdev;
+    res->mode = st.st_mode;
+    return -ENODEV;
+}
+
+static int open_device(const struct ld_attach_req *req, struct ld_attach_res *res,
+                       struct attempt *a)
+{
+    char name[32];
+    int r;
+
+    snprintf(name, sizeof(name), "loop%d", a->index);
+    a->fd = openat(req->dev_dirfd, name, O_RDWR | O_CLOEXEC);
+    if (a->fd < 0) {
+        r = neg_errno();
+        /* Since 5.x (6.11: commit 18048c1af783) opening a device in autoclear
+         * rundown or being removed answers ENXIO, or ENOENT once its node is
+         * gone: another process released it right after GET_FREE named it.
+         * ENOENT for a device sysfs still has is a node that never existed. */
+        if (r == -ENXIO || (r == -ENOENT && !sysfs_has(a->index)))
+            return retry(res, LD_STAGE_OPEN, r);
+        if (r != -ENOENT || !req->private_nodes)
+            return fail(res, LD_STAGE_OPEN, r);
+    } else {
+        r = check_node(req, res, a->index, a->fd);
+        if (r == 0)
+            return 0;
+        close(a->fd);
+        a->fd = -1;
+        if (r != -ENODEV || !req->private_nodes)
+            return fail(res, LD_STAGE_CHECK, r);
     }
-    discard(req, fd);
-    res->err = r;
-    res->stage = stage;
-    /* EBUSY before anything was bound: another process bound this minor
+    r = ld_open_private(req->dev_dirfd, a->index, req->part_shift);
+    if (r == -ENXIO)
+        return retry(res, LD_STAGE_OPEN, r);
+    if (r < 0)
+        return fail(res, LD_STAGE_NODE, r);
+    a->fd = r;
+    return 0;
+}
+
+/* The hook runs Python code of the caller's: the control lock is not held
+ * across it (it may allocate devices itself). It owns the fd from now on. */
+static int run_hook(const struct ld_attach_req *req, struct ld_attach_res *res,
+                    struct attach_state *s, struct attempt *a)
+{
+    if (!req->on_open)
+        return 0;
+    if (a->locked)
+        unlock_control(req->ctl_fd);
+    a->locked = 0;
+    if (req->on_open(req->ctx, a->index, a->fd) != 0) {
+        a->fd = -1; /* the hook has closed it */
+        return fail(res, LD_STAGE_HOOK, -ECANCELED);
+    }
+    return take_control(req, res, s, a);
+}
+
+static int lock_device(const struct ld_attach_req *req, struct ld_attach_res *res,
+                       struct attach_state *s, struct attempt *a)
+{
+    if (!req->lock || flock(a->fd, LOCK_EX | LOCK_NB) == 0)
+        return 0;
+    fail(res, LD_STAGE_LOCK, neg_errno());
+    return res->err == -EWOULDBLOCK ? skip_index(s, a->index) : res->err;
+}
+
+/* Bound means taken: another allocator (one that takes no lock, like
+ * losetup) bound it since GET_FREE. systemd checks the same. */
+static int bind_device(const struct ld_attach_req *req, struct ld_attach_res *res,
+                       struct attach_state *s, struct attempt *a)
+{
+    struct loop_info64 info;
+    int stage = LD_STAGE_CONFIGURE, r;
+
+    if (ioctl(a->fd, LOOP_GET_STATUS64, &info) == 0)
+        return retry(res, LD_STAGE_CONFIGURE, -EBUSY);
+    r = bind_fresh(a->fd, a->index, 0, req->backing_fd, &req->config, &stage);
+    if (r == 0)
+        return 0;
+    fail(res, stage, r);
+    /* A stale partition is open: use another device. */
+    if (stage == LD_STAGE_PARTITIONS && r == -EBUSY)
+        return skip_index(s, a->index);
+    /* EBUSY before anything was bound: another process bound this index
      * since GET_FREE, or pages of its previous file are still being released
-     * (osbuild #177). Both pass; another round picks a free device. */
+     * (osbuild #177), or since 6.11 (commit 18048c1af783) its last opener
+     * has not closed it yet. All pass; another round picks a free device. */
     if (r == -EBUSY && (stage == LD_STAGE_CONFIGURE || stage == LD_STAGE_SET_FD))
-        return 1;
+        return TRANSIENT;
     return r;
 }
 
-int ld_attach(const struct ld_attach_req *req, struct ld_attach_res *res)
+static void discard(const struct ld_attach_req *req, int fd)
 {
-    int64_t deadline = now_ms() + (req->timeout_ms > 0 ? req->timeout_ms : 30000);
-    int attempts = req->max_attempts > 0 ? req->max_attempts : 64;
-    unsigned seed = jitter_seed();
-    struct skip_list skip = { deadline, 0, { 0 } };
+    if (req->on_open)
+        req->on_discard(req->ctx, fd);
+    else
+        close(fd);
+}
 
-    memset(res, 0, sizeof(*res));
-    res->fd = -1;
-    res->minor = -1;
+/* One attempt: 0 done, TRANSIENT, or -errno (fatal). */
+static int attempt_once(const struct ld_attach_req *req, struct ld_attach_res *res,
+                        struct attach_state *s)
+{
+    struct attempt a = { -1, -1, 0 };
+    int r = take_control(req, res, s, &a);
+
+    if (r == 0)
+        r = pick_index(req, res, s, &a);
+    if (r == 0)
+        r = open_device(req, res, &a);
+    if (r == 0)
+        r = run_hook(req, res, s, &a);
+    if (r == 0)
+        r = lock_device(req, res, s, &a);
+    if (r == 0)
+        r = bind_device(req, res, s, &a);
+    if (a.locked)
+        unlock_control(req->ctl_fd);
+    if (r == 0) {
+        res->fd = a.fd;
+        res->err = 0;
+        res->stage = LD_STAGE_NONE;
+    } else if (a.fd >= 0) {
+        discard(req, a.fd);
+    }
+    return r;
+}
+
+/* Contention backoff (as systemd does): a few immediate retries, then a
+ * random sleep whose ceiling grows from 10 ms to 250 ms, so that competing
+ * allocators stop meeting on the same minor. */
+static int backoff(int attempt, unsigned *seed, const sigset_t *mask)
+{
+    long ceiling_us;
+    if (attempt <= 2)
+        return 0;
+    ceiling_us = 10000L << (attempt - 3 > 5 ? 5 : attempt - 3);
+    if (ceiling_us > 250000L)
+        ceiling_us = 250000L;
+    return nap_us(1000 + (long)(rand_r(seed) % ceiling_us), mask);
+}
+
+static int attach_loop(const struct ld_attach_req *req, struct ld_attach_res *res,
+                       struct attach_state *s)
+{
+    int attempts = req->max_attempts > 0 ? req->max_attempts : 64;
     for (int attempt = 0; attempt < attempts; attempt++) {
         int r;
         if (attempt > 0) {
             res->retries++;
-            backoff(attempt, &seed);
-            if (now_ms() > deadline)
+            if (backoff(attempt, &s->seed, &s->sigmask) < 0)
+                return fail(res, LD_STAGE_INTERRUPTED, -EINTR);
+            if (now_us() > s->deadline)
                 break;
         }
-        r = attempt_once(req, res, &skip);
+        r = attempt_once(req, res, s);
         if (r <= 0)
             return r;
     }
-    /* res->err and res->stage keep the last transient failure. */
+    res->exhausted = 1; /* err and stage keep the last race seen */
     res->fd = -1;
-    res->stage = LD_STAGE_EXHAUSTED;
     return res->err ? res->err : -EBUSY;
 }
 
-int ld_blkpg(int dev_fd, int op, int pno, long long start, long long length)
+int ld_attach(const struct ld_attach_req *req, struct ld_attach_res *res)
 {
-    struct blkpg_partition part;
-    struct blkpg_ioctl_arg arg;
-    memset(&part, 0, sizeof(part));
-    part.start = start;
-    part.length = length;
-    part.pno = pno;
-    memset(&arg, 0, sizeof(arg));
-    arg.op = op;
-    arg.datalen = sizeof(part);
-    arg.data = &part;
-    return ioctl(dev_fd, BLKPG, &arg) < 0 ? neg_errno() : 0;
+    struct attach_state s;
+    sigset_t all;
+    int r;
+
+    memset(&s, 0, sizeof(s));
+    s.deadline = now_us() + 1000L * (req->timeout_ms > 0 ? req->timeout_ms : 30000);
+    s.lock_give_up = now_us() + CONTROL_LOCK_PATIENCE_MS * 1000L;
+    s.seed = jitter_seed();
+    memset(res, 0, sizeof(*res));
+    res->fd = -1;
+    res->index = -1;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &s.sigmask);
+    r = attach_loop(req, res, &s);
+    pthread_sigmask(SIG_SETMASK, &s.sigmask, NULL);
+    return r;
+}
+
+/* ------------------------------------------------------------ bind mounts */
+
+/* A bind mount of an existing node needs CAP_SYS_ADMIN in the mount
+ * namespace only, where mknod needs CAP_MKNOD (containers often lack it). */
+int ld_bind_mount(const char *source, const char *target)
+{
+    return mount(source, target, NULL, MS_BIND, NULL) < 0 ? neg_errno() : 0;
+}
+
+int ld_unmount(const char *target)
+{
+    return umount2(target, MNT_DETACH) < 0 ? neg_errno() : 0;
 }

@@ -9,12 +9,11 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import stat
 import time
 
-from loopdev import _native, core, nodes, sysfs
+from loopdev import _engine, _native, nodes, sysfs
+from loopdev._native import LoopInfo
 from loopdev.errors import UnexpectedDevice
-from loopdev.status import LoopInfo
 
 TYPE_CHECKING = False  # typing is costly to import at run time
 if TYPE_CHECKING:
@@ -23,19 +22,6 @@ if TYPE_CHECKING:
 
 
 __all__ = ["Loop", "LoopControl", "LoopInfo", "UnexpectedDevice"]
-
-_DEV = "/dev"
-
-
-def _flags(read_only: bool | None, autoclear: bool | None, partscan: bool | None) -> int:
-    flags = 0
-    if read_only:
-        flags |= _native.LO_FLAGS_READ_ONLY
-    if autoclear:
-        flags |= _native.LO_FLAGS_AUTOCLEAR
-    if partscan:
-        flags |= _native.LO_FLAGS_PARTSCAN
-    return flags
 
 
 class Loop:
@@ -67,16 +53,7 @@ class Loop:
         self.devname = f"loop{minor}"
         self.on_close = None
         self._dir_fd = dir_fd
-        path = self.devname if dir_fd is not None else f"{_DEV}/{self.devname}"
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC, dir_fd=dir_fd)
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISBLK(st.st_mode) or st.st_rdev != os.makedev(self.LOOP_MAJOR, minor):
-                raise UnexpectedDevice(minor, st.st_rdev, st.st_mode)
-        except BaseException:
-            os.close(fd)
-            raise
-        self.fd = fd
+        self.fd = _engine.open_device(minor, dir_fd)
 
     @classmethod
     def _adopt(cls, minor: int, fd: int, dir_fd: int | None) -> Loop:
@@ -122,34 +99,35 @@ class Loop:
 
         The kernel defers the unbind until the last opener closes.
         """
-        core.release(self.fd, self.minor)
+        _engine.release(self.fd, self.minor)
 
     def clear_fd_wait(self, fd: int, timeout: float, wait: float = 0.1) -> None:
         """Clear, then wait until unbound or bound to a file other than ``fd``'s.
 
-        ``TimeoutError`` after ``timeout`` seconds; ``wait`` caps the poll interval.
+        ``TimeoutError`` after ``timeout`` seconds. ``wait`` is accepted; the
+        poll interval is at most 1 ms whatever it says.
         """
         self.clear_fd()
         st = os.fstat(fd)
-        # Since 6.x LOOP_CLR_FD only sets autoclear and the unbind happens at
-        # the last close, and our own fd counts as an opener: park it on an
-        # O_PATH handle (not an opener) while waiting, then reopen the device
-        # under the same fd number.
-        path = self.devname if self._dir_fd is not None else f"{_DEV}/{self.devname}"
-        parked = os.open(path, os.O_PATH | os.O_CLOEXEC, dir_fd=self._dir_fd)
+        # LOOP_CLR_FD on a device others hold open only sets autoclear (since
+        # 2.6.x), and the unbind happens at the last close; our own fd counts
+        # as an opener. Park it on an O_PATH handle to the same inode (not an
+        # opener; works for an unlinked private node too) while waiting, then
+        # reopen the device under the same fd number.
+        parked = os.open(f"/proc/self/fd/{self.fd}", os.O_PATH | os.O_CLOEXEC)
         try:
             os.dup2(parked, self.fd, inheritable=False)
+            try:
+                sysfs.wait_released(f"loop{self.minor}", st, timeout)
+            finally:
+                self._reopen(parked)
         finally:
             os.close(parked)
-        try:
-            sysfs.wait_released(f"loop{self.minor}", st, timeout, wait)
-        finally:
-            self._reopen(path)
 
-    def _reopen(self, path: str) -> None:
+    def _reopen(self, parked: int) -> None:
         for _ in range(100):
             try:
-                new = os.open(path, os.O_RDWR | os.O_CLOEXEC, dir_fd=self._dir_fd)
+                new = os.open(f"/proc/self/fd/{parked}", os.O_RDWR | os.O_CLOEXEC)
             except OSError as exc:
                 # ENXIO while the kernel finishes the rundown of this minor.
                 if exc.errno != errno.ENXIO:
@@ -161,7 +139,7 @@ class Loop:
             finally:
                 os.close(new)
             return
-        raise OSError(errno.ENXIO, "device stayed in rundown", path)
+        raise OSError(errno.ENXIO, "device stayed in rundown", self._path)
 
     def change_fd(self, fd: int) -> None:
         """``LOOP_CHANGE_FD``: the device must be read-only and the file the same size."""
@@ -187,6 +165,7 @@ class Loop:
     ) -> None:
         """Change only what is not None; an offset or sizelimit of 0 leaves it unchanged."""
         info = self.get_status()
+        old_span = (info.lo_offset, info.lo_sizelimit)
         if offset:
             info.lo_offset = offset
         if sizelimit:
@@ -198,7 +177,7 @@ class Loop:
         ):
             if wanted is not None:
                 info.lo_flags = (info.lo_flags | flag) if wanted else (info.lo_flags & ~flag)
-        _native.set_status(self.fd, info, device=self._path)
+        _engine.set_status(self.fd, self.minor, info, old_span)
 
     def configure(
         self,
@@ -212,10 +191,7 @@ class Loop:
     ) -> None:
         """Bind to ``fd`` and configure in one step (``LOOP_CONFIGURE``, or its fallback)."""
         config = _config_from_kwargs(offset, sizelimit, blocksize, autoclear, partscan, read_only)
-        # Partitions of an earlier binding would point into the new file.
-        _native.delete_partitions(self.fd, self.minor)
-        _native.configure(self.fd, fd, config, device=self._path)
-        core.finish_attach(self.fd, self.minor, config, None)
+        _engine.configure(self.fd, self.minor, fd, config)
 
     def get_status(self) -> LoopInfo:
         """``LOOP_GET_STATUS64``; ``OSError(ENXIO)`` when unbound."""
@@ -234,48 +210,34 @@ class Loop:
         _native.ioctl(self.fd, self.LOOP_SET_BLOCK_SIZE, size, device=self._path)
 
     def mknod(self, dir_fd: int, mode: int = 0o600) -> None:
-        """Create block node ``loop{minor}`` in ``dir_fd``; remove it before release."""
-        nodes.make_node(dir_fd, f"loop{self.minor}", self.LOOP_MAJOR, self.minor, mode)
+        """Block node ``loop{minor}`` in ``dir_fd``: a bind mount of the host's node where
+        that is the device, else ``mknod``. Remove (unmount) it before release."""
+        nodes.mirror_node(dir_fd, f"loop{self.minor}", sysfs.loop_devt(self.minor), mode)
 
     @property
     def _path(self) -> str:
-        return f"/dev/loop{self.minor}"
+        return _engine.device_path(self.minor)
 
 
 class LoopControl:
     """``loop-control`` below ``dir_fd`` (default /dev); devices are opened there too."""
 
-    fd: int
-
     def __init__(self, dir_fd: int | None = None) -> None:
-        self.fd = -1
         self._dir_fd = dir_fd
-        path = "loop-control" if dir_fd is not None else f"{_DEV}/loop-control"
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC, dir_fd=dir_fd)
-        # The attach loop opens loopN relative to this: dir_fd itself (0 is
-        # a valid fd), or our own handle on /dev.
-        try:
-            self._dev_dir = (
-                dir_fd
-                if dir_fd is not None
-                else os.open(_DEV, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-            )
-        except BaseException:
-            os.close(fd)
-            raise
-        self.fd = fd
+        self._control = _engine.Control(dir_fd)
+
+    @property
+    def fd(self) -> int:
+        """The loop-control fd; -1 once closed."""
+        return self._control.fd
 
     def __del__(self) -> None:
-        if getattr(self, "fd", -1) >= 0:
+        if getattr(self, "_control", None) is not None:
             self.close()
 
     def close(self) -> None:
         """Idempotent; afterwards every operation raises ``RuntimeError``."""
-        if self.fd >= 0:
-            fd, self.fd = self.fd, -1
-            os.close(fd)
-            if self._dir_fd is None:
-                os.close(self._dev_dir)
+        self._control.close()
 
     def _check_open(self) -> int:
         if self.fd < 0:
@@ -306,49 +268,17 @@ class LoopControl:
         ``kwargs`` are those of :meth:`Loop.configure`. Transient kernel races
         are retried (bounded); a failure never leaves a device bound.
         """
-        ctl = self._check_open()
+        self._check_open()
         if fd < 0:
             raise ValueError(f"Invalid file descriptor '{fd}'")
         config = _config_from_kwargs(**kwargs)
-        return self._attach(ctl, fd, config, lock, setup)
-
-    def _attach(
-        self,
-        ctl: int,
-        fd: int,
-        config: _native.Config,
-        lock: bool,
-        setup: Callable[[Loop], Any] | None,
-    ) -> Loop:
         if setup is None:
-            got = _native.attach(ctl, self._dev_dir, fd, config, lock=lock)
-            try:
-                lo = Loop._adopt(got.minor, got.fd, self._dir_fd)
-            except BaseException:
-                _native.lib_clear_fd(got.fd)
-                os.close(got.fd)
-                raise
-        else:
-            lo = self._attach_with_setup(ctl, fd, config, lock, setup)
-        try:
-            core.finish_attach(lo.fd, lo.minor, config, None)
-        except BaseException:
-            lo.close()
-            raise
-        return lo
-
-    def _attach_with_setup(
-        self,
-        ctl: int,
-        fd: int,
-        config: _native.Config,
-        lock: bool,
-        setup: Callable[[Loop], Any],
-    ) -> Loop:
+            index, dev_fd = _engine.attach(self._control, fd, config, lock=lock)
+            return Loop._adopt(index, dev_fd, self._dir_fd)
         current: list[Loop] = []
 
-        def on_open(minor: int, dev_fd: int) -> None:
-            lo = Loop._adopt(minor, dev_fd, self._dir_fd)
+        def on_open(index: int, dev_fd: int) -> None:
+            lo = Loop._adopt(index, dev_fd, self._dir_fd)
             current.append(lo)
             try:
                 setup(lo)
@@ -359,15 +289,7 @@ class LoopControl:
         def on_discard(dev_fd: int) -> None:
             current.pop().close()
 
-        _native.attach(
-            ctl,
-            self._dev_dir,
-            fd,
-            config,
-            lock=lock,
-            on_open=on_open,
-            on_discard=on_discard,
-        )
+        _engine.attach(self._control, fd, config, lock=lock, on_open=on_open, on_discard=on_discard)
         return current[-1]
 
 
@@ -383,5 +305,5 @@ def _config_from_kwargs(
         offset=offset or 0,
         sizelimit=sizelimit or 0,
         block_size=blocksize or 0,
-        flags=_flags(read_only, autoclear, partscan),
+        flags=_engine.flags(read_only, autoclear, partscan),
     )

@@ -10,8 +10,15 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Literal, Union
 
-from loopdev import _native, core, nodes, partitions, sysfs
-from loopdev.errors import BackingFileError, ConfigureError, DeviceBusy, LoopError
+from loopdev import _engine, _native, nodes, partitions, sysfs
+from loopdev.errors import (
+    BackingFileError,
+    ConfigureError,
+    DeviceBusy,
+    DeviceNodeError,
+    LoopError,
+)
+from loopdev.nodes import DevT
 
 __all__ = ["DeviceInfo", "LoopDevice", "attach", "devices", "find", "open_device"]
 
@@ -97,7 +104,12 @@ def find(path: str | os.PathLike[str], offset: int | None = None) -> list[Device
     Reads sysfs only: opening each device to ask LOOP_GET_STATUS64 would
     delay the release of devices that their owners are detaching.
     """
-    st = os.stat(path)
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise BackingFileError(
+            exc.errno or errno.ENOENT, "cannot use the backing file", backing=os.fspath(path)
+        ) from None
     found = []
     for info in devices():
         try:
@@ -119,16 +131,23 @@ class LoopDevice:
     ) -> None:
         self.minor = minor
         self.name = f"loop{minor}"
-        self.path = f"/dev/loop{minor}"
+        self.path = _engine.device_path(minor)
         self.owned = owned
         self._fd = fd
         self._backing_st = backing_st
-        self._node_dir: int | None = None
-        self._node_names: list[str] = []
+        self._nodes: list[nodes.NodeSet] = []
+        # Whether closing our fd releases the device (then /dev nodes go too).
+        self._autoclear = False
         try:
             self.diskseq: int | None = _native.get_u64(fd, _native.BLKGETDISKSEQ, device=self.path)
         except OSError:
             self.diskseq = None  # kernels before 5.15
+
+    def __del__(self) -> None:
+        # An fd left to the garbage collector would hold the device open and
+        # make a later detach() wait for it.
+        if getattr(self, "_fd", -1) >= 0:
+            self.close()
 
     @property
     def fd(self) -> int:
@@ -150,7 +169,7 @@ class LoopDevice:
     @property
     def nodes(self) -> list[str]:
         """Names of the private nodes made by ``attach(node_dir=...)``."""
-        return list(self._node_names)
+        return [name for s in self._nodes if s.where != _engine.DEV for name, _ in s.made]
 
     def resize(self) -> int:
         """Re-read the backing file's size (after it grew); returns the new size."""
@@ -158,11 +177,11 @@ class LoopDevice:
         return _native.get_u64(self._fd, _native.BLKGETSIZE64, device=self.path)
 
     def detach(self, timeout: float = 10.0) -> None:
-        """Delete partitions, remove private nodes, unbind, and wait until released.
+        """Delete partitions, remove nodes loopdev made, unbind, and wait until released.
 
         ``DeviceBusy`` if a partition is in use (nothing changed then) or if
         another process still holds the device after ``timeout`` seconds (the
-        kernel releases it when they close it).
+        kernel releases it when they close it); ``timeout=0`` does not wait.
         """
         if self._fd < 0:
             return
@@ -170,11 +189,13 @@ class LoopDevice:
             os.fsync(self._fd)
         except OSError:
             pass  # a read-only device has nothing to write back
-        core.release(self._fd, self.minor, before_clear=self._remove_nodes)
+        _engine.release(self._fd, self.minor, before_clear=lambda: self._remove_nodes(True))
         fd, self._fd = self._fd, -1
         os.close(fd)
+        if timeout <= 0:
+            return
         try:
-            sysfs.wait_released(self.name, self._backing_st, timeout, 0.002)
+            sysfs.wait_released(self.name, self._backing_st, timeout)
         except TimeoutError:
             raise DeviceBusy(
                 errno.EBUSY,
@@ -186,7 +207,7 @@ class LoopDevice:
     def close(self) -> None:
         """Close our fd without detaching (an autoclear device is released then)."""
         if self._fd >= 0:
-            self._remove_nodes()
+            self._remove_nodes(self._autoclear)
             fd, self._fd = self._fd, -1
             os.close(fd)
 
@@ -212,31 +233,52 @@ class LoopDevice:
             raise LoopError(errno.EBADF, "device was detached or closed", device=self.path)
         return self._fd
 
-    def _make_nodes(self, node_dir: str | os.PathLike[str], mode: int) -> None:
-        self._node_dir = os.open(node_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        for name, major, minor in [(self.name, _native.LOOP_MAJOR, self.minor)] + [
-            (p.name, p.major, p.minor) for p in self.partitions
-        ]:
-            nodes.make_node(self._node_dir, name, major, minor, mode)
-            self._node_names.append(name)
+    def _node_entries(self) -> list[tuple[str, DevT]]:
+        return [(self.name, sysfs.loop_devt(self.minor))] + [
+            (p.name, (p.major, p.minor)) for p in self.partitions
+        ]
 
-    def _remove_nodes(self) -> None:
-        if self._node_dir is None:
-            return
-        for name in self._node_names:
-            nodes.remove_node(self._node_dir, name)
-        self._node_names.clear()
-        os.close(self._node_dir)
-        self._node_dir = None
+    def _make_nodes(self, node_dir: str | os.PathLike[str] | None, mode: int) -> None:
+        """Nodes in ``node_dir``; and in /dev where nothing else makes them (containers)."""
+        entries = self._node_entries()
+        if not nodes.dev_is_devtmpfs():
+            self._add_nodes(_engine.DEV, entries, mode, mark=True)
+        else:
+            partitions.wait_for_nodes(self.partitions)
+        if node_dir is not None:
+            self._add_nodes(node_dir, entries, mode, mark=False)
+
+    def _add_nodes(
+        self,
+        where: str | os.PathLike[str],
+        entries: list[tuple[str, DevT]],
+        mode: int,
+        *,
+        mark: bool,
+    ) -> None:
+        made = nodes.NodeSet(where)
+        self._nodes.append(made)
+        for name, devt in entries:
+            made.add(name, devt, mode, mark=mark)
+
+    def _remove_nodes(self, released: bool) -> None:
+        """Private nodes always; those in /dev only when the device goes (``released``)."""
+        for made in self._nodes:
+            if released or made.where != _engine.DEV:
+                made.remove()
+            made.close()
+        self._nodes.clear()
+        if released and not nodes.dev_is_devtmpfs():
+            # Nodes an earlier process (the CLI's attach) made in /dev.
+            nodes.remove_marked(_engine.DEV, [name for name, _ in self._node_entries()])
 
     def _abort(self) -> None:
         """Undo a half-finished attach; the original error matters, not ours."""
         try:
-            self._remove_nodes()
-            _native.delete_partitions(self._fd, self.minor)
+            self._remove_nodes(True)
         except OSError:
             pass
-        _native.lib_clear_fd(self._fd)
+        _engine.abort(self._fd, self.minor)
         fd, self._fd = self._fd, -1
         os.close(fd)
 
@@ -312,14 +354,23 @@ def _check_backing(fd: int, path: str, offset: int, read_only: bool) -> os.stat_
         raise BackingFileError(exc.errno or errno.EBADF, "cannot stat", backing=path) from None
     _check_kind(st, path)
     size = st.st_size if stat.S_ISREG(st.st_mode) else os.lseek(fd, 0, os.SEEK_END)
-    if offset >= size:
+    # A 0-byte file attaches (as with losetup, which only warns).
+    if offset and offset >= size:
         raise BackingFileError(
             errno.EINVAL,
             f"offset {offset} is at or past the end of the file ({size} bytes)",
             backing=path,
         )
+    mode = fcntl.fcntl(fd, fcntl.F_GETFL)
+    if mode & os.O_PATH:
+        raise BackingFileError(
+            errno.EBADF,
+            "backing fd is an O_PATH handle, which cannot be read; open the file for reading "
+            "(and writing)",
+            backing=path,
+        )
     if not read_only:
-        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+        if mode & os.O_ACCMODE == os.O_RDONLY:
             raise BackingFileError(
                 errno.EBADF, "backing fd is open read-only; pass read_only=True", backing=path
             )
@@ -355,25 +406,30 @@ def attach(
     """
     where = None if isinstance(backing, int) else os.fspath(backing)
     _validate(offset, sizelimit, block_size, direct_io, where)
+    if node_dir is not None and not os.path.isdir(node_dir):
+        raise DeviceNodeError(
+            errno.ENOENT, "node directory does not exist", device=os.fspath(node_dir)
+        )
     fd, path, opened = _open_backing(backing, read_only)
     try:
         st = _check_backing(fd, path, offset, read_only)
-        flags = (
-            (_native.LO_FLAGS_READ_ONLY if read_only else 0)
-            | (_native.LO_FLAGS_AUTOCLEAR if autoclear else 0)
-            | (_native.LO_FLAGS_PARTSCAN if partscan else 0)
-        )
         config = _native.Config(
-            offset, sizelimit, block_size or 0, flags, _DIO[direct_io], file_name=path
+            offset,
+            sizelimit,
+            block_size or 0,
+            _engine.flags(read_only, autoclear, partscan),
+            _DIO[direct_io],
+            file_name=path,
         )
-        got = _attach_free(fd, config, lock, path)
-        dev = LoopDevice(got.minor, got.fd, owned=True, backing_st=st)
+        control = _engine.Control()
         try:
-            core.finish_attach(got.fd, got.minor, config, path)
-            if node_dir is not None:
-                dev._make_nodes(node_dir, node_mode)
-            elif partscan:
-                partitions.wait_for_nodes(dev.partitions)
+            minor, dev_fd = _engine.attach(control, fd, config, lock=lock)
+        finally:
+            control.close()
+        dev = LoopDevice(minor, dev_fd, owned=True, backing_st=st)
+        dev._autoclear = autoclear
+        try:
+            dev._make_nodes(node_dir, node_mode)
         except BaseException:
             dev._abort()
             raise
@@ -383,32 +439,22 @@ def attach(
             os.close(fd)
 
 
-def _attach_free(fd: int, config: _native.Config, lock: bool, path: str) -> _native.Attached:
-    ctl = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
-    try:
-        dev_dir = os.open("/dev", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            return _native.attach(ctl, dev_dir, fd, config, lock=lock, backing=path)
-        finally:
-            os.close(dev_dir)
-    finally:
-        os.close(ctl)
-
-
 def open_device(name_or_minor: str | int, *, owned: bool = False) -> LoopDevice:
     """Wrap an existing device (``3``, ``"loop3"`` or ``"/dev/loop3"``); not detached on exit
     unless ``owned``."""
     if isinstance(name_or_minor, int):
         minor = name_or_minor
+        if minor < 0:
+            raise LoopError(errno.EINVAL, f"no loop device has the number {minor}")
     else:
         base = os.path.basename(name_or_minor)
         if not (base.startswith("loop") and base[4:].isdigit()):
             raise LoopError(errno.EINVAL, "not a loop device name", device=str(name_or_minor))
         minor = int(base[4:])
-    path = f"/dev/loop{minor}"
-    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    st = os.fstat(fd)
-    if not stat.S_ISBLK(st.st_mode) or st.st_rdev != os.makedev(_native.LOOP_MAJOR, minor):
-        os.close(fd)
-        raise LoopError(errno.ENODEV, "not a loop block device", device=path)
+    try:
+        fd = _engine.open_device(minor, private_nodes=True)
+    except FileNotFoundError:
+        raise DeviceNodeError(
+            errno.ENOENT, "no such loop device", device=_engine.device_path(minor)
+        ) from None
     return LoopDevice(minor, fd, owned=owned)

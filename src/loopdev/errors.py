@@ -81,13 +81,29 @@ def _rebuild_table(
     return cls(message, device=device, backing=backing)
 
 
-class UnexpectedDevice(LoopError):
+class DeviceNodeError(LoopError):
+    """A device node is missing, points elsewhere, or cannot be made or opened."""
+
+
+class ControlUnavailable(DeviceNodeError):
+    """``loop-control`` cannot be opened."""
+
+
+class ControlMissing(ControlUnavailable, FileNotFoundError):
+    """``loop-control`` does not exist (still a ``FileNotFoundError``)."""
+
+
+class ControlDenied(ControlUnavailable, PermissionError):
+    """``loop-control`` may not be opened (still a ``PermissionError``)."""
+
+
+class UnexpectedDevice(DeviceNodeError):
     """The node opened as ``loop{minor}`` is not that loop block device."""
 
     def __init__(self, expected_minor: int, rdev: int, mode: int) -> None:
         super().__init__(
             _errno.ENODEV,
-            f"loop{expected_minor} is not block device 7:{expected_minor} "
+            f"loop{expected_minor} is not that loop block device "
             f"(found {os.major(rdev)}:{os.minor(rdev)}, mode {mode:o})",
             device=f"loop{expected_minor}",
         )

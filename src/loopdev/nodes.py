@@ -1,26 +1,184 @@
-"""Private device nodes: block nodes in a directory of the caller's choosing.
+"""Block device nodes loopdev makes: in ``/dev`` where nothing else does, or in a
+directory of the caller's choosing.
 
-Where udev is absent or /dev is not devtmpfs (containers), no node appears
-for a loop device or its partitions; builders make their own. Anyone with
-such a node reaches whatever device later gets the same numbers, so nodes
-are removed before the device is released.
+Where udev is absent and /dev is not devtmpfs (containers), no node appears
+for a loop device or its partitions. A node is trusted by its numbers, never
+by its name: one left by a killed process may point at another device now
+(partition minors under major 259 are shared with every disk on the host).
+Anyone with a node reaches whatever device later gets the same numbers, so
+loopdev removes the nodes it made before the device is released.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 
+from loopdev import _native
+from loopdev.errors import DeviceNodeError
 
-def make_node(dir_fd: int, name: str, major: int, minor: int, mode: int = 0o600) -> None:
-    """A block node ``name`` in ``dir_fd`` with exactly ``mode`` (umask ignored)."""
-    os.mknod(name, stat.S_IFBLK | 0o600, os.makedev(major, minor), dir_fd=dir_fd)
+DevT = tuple[int, int]
+
+
+def _device_name(rdev: int) -> str | None:
+    """The block device that has ``rdev`` now (sysfs), or None."""
+    try:
+        link = os.readlink(f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}")
+    except OSError:
+        return None
+    return os.path.basename(link)
+
+
+def _is_ours_to_replace(st: os.stat_result) -> bool:
+    """A block node for no device, or for a loop device or partition: loopdev's kind."""
+    if not stat.S_ISBLK(st.st_mode):
+        return False
+    name = _device_name(st.st_rdev)
+    return name is None or name.startswith("loop")
+
+
+def place_node(dir_fd: int, name: str, devt: DevT, mode: int = 0o600, *, where: str) -> bool:
+    """Make block node ``name`` for ``devt`` in ``dir_fd`` with exactly ``mode``.
+
+    Returns whether it was made (False: the right node was already there).
+    A stale node of loopdev's kind (no device, or another loop device) is
+    replaced; anything else in the way raises ``DeviceNodeError`` naming it.
+    """
+    want = os.makedev(*devt)
+    path = os.path.join(where, name)
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        pass
+    else:
+        if stat.S_ISBLK(st.st_mode) and st.st_rdev == want:
+            return False
+        if not _is_ours_to_replace(st):
+            raise DeviceNodeError(
+                errno.EEXIST,
+                f"{path} is in the way: it is not a node of a loop device; remove it",
+                device=path,
+            )
+        os.unlink(name, dir_fd=dir_fd)
+    try:
+        os.mknod(name, stat.S_IFBLK | 0o600, want, dir_fd=dir_fd)
+    except PermissionError as exc:
+        raise DeviceNodeError(
+            exc.errno or errno.EPERM,
+            "cannot make a device node: this needs CAP_MKNOD; in a container run with "
+            "--privileged, or mount devtmpfs on /dev (-v /dev:/dev)",
+            device=path,
+        ) from None
     os.chmod(name, stat.S_IMODE(mode), dir_fd=dir_fd)
+    return True
 
 
-def remove_node(dir_fd: int, name: str) -> None:
-    """Remove ``name`` from ``dir_fd`` if it is there."""
+def remove_node(dir_fd: int, name: str, devt: DevT | None = None) -> None:
+    """Remove ``name`` from ``dir_fd`` if it is there (and, given ``devt``, is that node)."""
+    if devt is not None:
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISBLK(st.st_mode) or st.st_rdev != os.makedev(*devt):
+            return  # replaced by someone else since: not ours any more
     try:
         os.unlink(name, dir_fd=dir_fd)
     except FileNotFoundError:
         pass
+
+
+def mirror_node(dir_fd: int, name: str, devt: DevT, mode: int = 0o600) -> None:
+    """Node ``name`` in ``dir_fd`` for ``devt`` with ``mode``; where ``mknod`` is not
+    permitted (no CAP_MKNOD, as in most containers), a bind mount of ``/dev/NAME``
+    if that is the device (needs CAP_SYS_ADMIN in the mount namespace only; it
+    keeps the host node's mode, and is removed with umount)."""
+    try:
+        os.mknod(name, stat.S_IFBLK | 0o600, os.makedev(*devt), dir_fd=dir_fd)
+    except PermissionError:
+        _bind_host_node(dir_fd, name, devt)
+        return
+    os.chmod(name, stat.S_IMODE(mode), dir_fd=dir_fd)
+
+
+def _bind_host_node(dir_fd: int, name: str, devt: DevT) -> None:
+    host = f"/dev/{name}"
+    st = os.stat(host)
+    if not stat.S_ISBLK(st.st_mode) or st.st_rdev != os.makedev(*devt):
+        raise DeviceNodeError(
+            errno.EPERM,
+            f"cannot make a device node (no CAP_MKNOD) and {host} is not the device to "
+            "bind-mount instead; run with --privileged or mount devtmpfs on /dev",
+            device=host,
+        )
+    fd = os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+    os.close(fd)
+    try:
+        _native.bind_mount(host, f"/proc/self/fd/{dir_fd}/{name}")
+    except BaseException:
+        os.unlink(name, dir_fd=dir_fd)
+        raise
+
+
+# Nodes loopdev made in /dev carry this mark, so that a later process (the
+# CLI's detach) removes what an attach made and nothing else.
+_MARK = "trusted.loopdev"
+_devtmpfs: bool | None = None
+
+
+def dev_is_devtmpfs() -> bool:
+    """Whether /dev is a devtmpfs (the kernel makes and removes the nodes itself)."""
+    global _devtmpfs
+    if _devtmpfs is None:
+        _devtmpfs = False
+        with open("/proc/self/mountinfo", "rb") as f:
+            for line in f:
+                fields = line.split()
+                if fields[4] == b"/dev":  # the last mount on /dev wins
+                    _devtmpfs = fields[fields.index(b"-") + 1] == b"devtmpfs"
+    return _devtmpfs
+
+
+class NodeSet:
+    """Nodes made for one device in one directory, removed together."""
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.where = os.fspath(directory)
+        self.dir_fd = os.open(self.where, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.made: list[tuple[str, DevT]] = []
+
+    def add(self, name: str, devt: DevT, mode: int, *, mark: bool = False) -> None:
+        """Make (or keep, if it is already right) the node ``name``."""
+        if place_node(self.dir_fd, name, devt, mode, where=self.where):
+            self.made.append((name, devt))
+            if mark:
+                try:
+                    os.setxattr(f"{self.where}/{name}", _MARK, b"1", follow_symlinks=False)
+                except OSError:
+                    pass  # no xattrs there: a later process will not remove it
+
+    def remove(self) -> None:
+        """Remove the nodes made (only those still pointing where we made them)."""
+        for name, devt in self.made:
+            remove_node(self.dir_fd, name, devt)
+        self.made.clear()
+
+    def close(self) -> None:
+        if self.dir_fd >= 0:
+            os.close(self.dir_fd)
+            self.dir_fd = -1
+
+
+def remove_marked(directory: str, names: list[str]) -> None:
+    """Remove each of ``names`` in ``directory`` that loopdev made (it carries the mark)."""
+    for name in names:
+        path = f"{directory}/{name}"
+        try:
+            os.getxattr(path, _MARK, follow_symlinks=False)
+        except OSError:
+            continue  # not there, or not ours
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass

@@ -6,6 +6,8 @@ import errno
 import os
 import time
 
+from loopdev._native import LOOP_MAJOR
+
 # Reading an attribute of a device unbound (or removed) under us answers
 # ENODEV or ENXIO on 6.x, not only ENOENT.
 _GONE = (errno.ENOENT, errno.ENOTDIR, errno.ENODEV, errno.ENXIO)
@@ -17,6 +19,43 @@ def is_gone(exc: OSError) -> bool:
 
 
 SYS_BLOCK = "/sys/block"
+SYS_CLASS_BLOCK = "/sys/class/block"
+_MAX_PART = "/sys/module/loop/parameters/max_part"
+_part_shift: int | None = None
+
+
+def part_shift() -> int:
+    """The loop module's minor shift: loopN is minor ``N << part_shift``.
+
+    ``loop.max_part=M`` reserves minors for M partitions per device
+    (drivers/block/loop.c: part_shift = fls(max_part)); read once per process.
+    """
+    global _part_shift
+    if _part_shift is None:
+        try:
+            with open(_MAX_PART, "rb") as f:
+                max_part = int(f.read().strip() or 0)
+        except (OSError, ValueError):
+            max_part = 0  # built without the parameter: one minor per device
+        _part_shift = max_part.bit_length() if max_part > 0 else 0
+    return _part_shift
+
+
+def loop_devt(index: int, shift: int | None = None) -> tuple[int, int]:
+    """``(major, minor)`` of ``loop{index}``, as the loop module numbers it."""
+    return LOOP_MAJOR, index << (part_shift() if shift is None else shift)
+
+
+def devt(name: str) -> tuple[int, int] | None:
+    """``(major, minor)`` of block device ``name`` from sysfs; None when it is gone."""
+    try:
+        with open(f"{SYS_CLASS_BLOCK}/{name}/dev", "rb") as f:
+            major, minor = f.read().split(b":")
+    except OSError as exc:
+        if is_gone(exc):
+            return None
+        raise
+    return int(major), int(minor)
 
 
 def backing_file(name: str) -> str | None:
@@ -54,15 +93,19 @@ def _bound_to(name: str, st: os.stat_result | None) -> bool:
     return (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino)
 
 
-def wait_released(name: str, st: os.stat_result | None, timeout: float, interval: float) -> None:
+# The release usually completes well within a millisecond of the last close;
+# polling at most this far apart keeps waiters within about that of it.
+_POLL_MAX = 0.001
+
+
+def wait_released(name: str, st: os.stat_result | None, timeout: float) -> None:
     """Wait until ``name`` is unbound, or bound to a file other than ``st``'s.
 
-    Polls sysfs with a short interval that grows to ``interval``: the kernel
-    sends no event we could wait on without udev or a netlink socket, and the
-    release usually completes within a millisecond of the last close.
+    Polls sysfs (first after 0.2 ms, then every 1 ms at most): the kernel
+    sends no event we could wait on without udev or a netlink socket.
     """
     deadline = time.monotonic() + timeout
-    delay = min(0.0005, interval) if interval > 0 else 0.0005
+    delay = 0.0002
     while _bound_to(name, st):
         now = time.monotonic()
         if now >= deadline:
@@ -70,4 +113,4 @@ def wait_released(name: str, st: os.stat_result | None, timeout: float, interval
                 f"/dev/{name} still bound after {timeout:g} s: another process holds it open"
             )
         time.sleep(min(delay, deadline - now))
-        delay = min(delay * 2, max(interval, 0.0005))
+        delay = min(delay * 2, _POLL_MAX)

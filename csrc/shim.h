@@ -1,0 +1,79 @@
+/* The shim's own types and functions, written once: loopdev.c includes this
+ * file and build_ffi.py hands it to cffi as part of the cdef, so it holds
+ * plain declarations only (no preprocessor lines). Every function returns
+ * 0 (or a non-negative result) on success and -errno on failure. */
+
+/* Where a failed call stopped: lets Python name the step in its error. */
+enum ld_stage {
+    LD_STAGE_NONE,
+    LD_STAGE_GET_FREE,      /* LOOP_CTL_GET_FREE or LOOP_CTL_ADD */
+    LD_STAGE_OPEN,          /* opening loopN in the device directory */
+    LD_STAGE_NODE,          /* making a private node where the directory has none */
+    LD_STAGE_CHECK,         /* the node found is not block device loopN */
+    LD_STAGE_HOOK,          /* the caller's on_open hook raised */
+    LD_STAGE_LOCK,          /* flock on the device */
+    LD_STAGE_PARTITIONS,    /* deleting partitions an earlier binding left */
+    LD_STAGE_CONFIGURE,     /* LOOP_CONFIGURE */
+    LD_STAGE_SET_FD,        /* LOOP_SET_FD (fallback) */
+    LD_STAGE_SET_STATUS,    /* LOOP_SET_STATUS64 */
+    LD_STAGE_BLOCK_SIZE,    /* LOOP_SET_BLOCK_SIZE (fallback) */
+    LD_STAGE_DIRECT_IO,     /* LOOP_SET_DIRECT_IO */
+    LD_STAGE_VERIFY,        /* reading back what the kernel applied */
+    LD_STAGE_INTERRUPTED    /* a signal arrived while waiting; nothing is bound */
+};
+
+/* direct_io: 0 leave off, 1 try (ignore refusal), 2 required. */
+struct ld_config {
+    uint64_t offset;
+    uint64_t sizelimit;
+    uint32_t block_size;
+    uint32_t flags;             /* LO_FLAGS_READ_ONLY | AUTOCLEAR | PARTSCAN */
+    int direct_io;
+    const char *file_name;      /* for lo_file_name; NULL: the backing fd's path */
+};
+
+struct ld_attach_req {
+    int ctl_fd;                 /* open loop-control */
+    int dev_dirfd;              /* directory holding the loopN nodes */
+    int private_nodes;          /* 1: reach loopN through a private node where
+                                   dev_dirfd has none (or a wrong one) */
+    int part_shift;             /* minor of loopN = N << part_shift */
+    int backing_fd;
+    int lock;                   /* exclusive non-blocking flock on the device */
+    int max_attempts;
+    int timeout_ms;
+    struct ld_config config;
+    /* Optional hooks; when on_open is set the hooks own the device fd. */
+    int (*on_open)(void *ctx, int index, int fd);
+    void (*on_discard)(void *ctx, int fd);
+    void *ctx;
+};
+
+struct ld_attach_res {
+    int index;                  /* N of loopN, -1 before GET_FREE answered */
+    int fd;
+    int err;
+    int stage;
+    int retries;
+    int exhausted;              /* retries or time ran out; err and stage are
+                                   the last race seen */
+    int unlocked;               /* went on without the loop-control lock */
+    uint64_t rdev;              /* LD_STAGE_CHECK: what the node really is */
+    uint32_t mode;
+};
+
+int ld_ioctl(int fd, unsigned long request, unsigned long arg);
+int ld_get_status(int fd, struct loop_info64 *info);
+int ld_set_status(int fd, const struct loop_info64 *info);
+int ld_get_u64(int fd, unsigned long request, uint64_t *out);
+int ld_get_int(int fd, unsigned long request, int *out);
+int ld_bind(int dev_fd, int index, int backing_fd, const struct ld_config *config, int *stage);
+int ld_attach(const struct ld_attach_req *req, struct ld_attach_res *res);
+int ld_blkpg(int dev_fd, int op, int pno, long long start, long long length);
+int ld_del_partitions(int dev_fd, int index);
+void ld_force_fallback(int on);
+/* loopN through a node of our own in a fresh directory below dirfd, unlinked
+ * before returning the fd. */
+int ld_open_private(int dirfd, int index, int part_shift);
+int ld_bind_mount(const char *source, const char *target);
+int ld_unmount(const char *target);

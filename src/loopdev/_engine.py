@@ -1,0 +1,214 @@
+"""The one path from an API call to the kernel, shared by both faces.
+
+The compatible API (``Loop``/``LoopControl``) and the high-level API
+(``attach()``/``LoopDevice``) only map their arguments onto these functions:
+open loop-control, open and check a device, attach (native loop, then
+partitions, with one abort path), configure an open device, release.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+from loopdev import _native, errors, partitions, sysfs
+
+TYPE_CHECKING = False  # typing is costly to import at run time
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+DEV = "/dev"
+
+
+def flags(read_only: bool | None, autoclear: bool | None, partscan: bool | None) -> int:
+    """``LO_FLAGS_*`` for the three settable flags."""
+    return (
+        (_native.LO_FLAGS_READ_ONLY if read_only else 0)
+        | (_native.LO_FLAGS_AUTOCLEAR if autoclear else 0)
+        | (_native.LO_FLAGS_PARTSCAN if partscan else 0)
+    )
+
+
+def device_path(index: int) -> str:
+    """The name messages use for ``loop{index}``."""
+    return f"{DEV}/loop{index}"
+
+
+class Control:
+    """``loop-control`` and the directory the attach loop opens devices in.
+
+    ``dir_fd`` None: ``/dev``, where a missing or wrong ``loopN`` node is
+    reached through a private node instead (containers). A caller's
+    directory is used as it is (a wrong node there is ``UnexpectedDevice``).
+    """
+
+    __slots__ = ("dev_dir", "fd", "private_nodes")
+
+    def __init__(self, dir_fd: int | None = None) -> None:
+        self.fd = -1
+        path = "loop-control" if dir_fd is not None else f"{DEV}/loop-control"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC, dir_fd=dir_fd)
+        except FileNotFoundError:
+            raise errors.ControlMissing(
+                errno.ENOENT,
+                "loop-control is missing: load the loop module (modprobe loop); in a "
+                "container, pass it in (--device /dev/loop-control) or use --privileged",
+                device=path,
+            ) from None
+        except PermissionError as exc:
+            raise errors.ControlDenied(
+                exc.errno or errno.EACCES,
+                "loop-control may not be opened: loop devices need root (CAP_SYS_ADMIN), "
+                "or ask a broker (loopdev serve)",
+                device=path,
+            ) from None
+        try:
+            self.dev_dir = (
+                dir_fd
+                if dir_fd is not None
+                else os.open(DEV, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            )
+        except BaseException:
+            os.close(fd)
+            raise
+        self.private_nodes = dir_fd is None
+        self.fd = fd
+
+    def close(self) -> None:
+        """Idempotent; closes the directory only if we opened it."""
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+            if self.private_nodes:
+                os.close(self.dev_dir)
+
+
+def open_device(index: int, dir_fd: int | None = None, *, private_nodes: bool = False) -> int:
+    """Open ``loop{index}`` read-write below ``dir_fd`` (default /dev) and check it.
+
+    ``UnexpectedDevice`` when the node is not that loop device (its numbers
+    come from the loop module's own scheme, see :func:`sysfs.loop_devt`);
+    errors of the open itself propagate unchanged. With ``private_nodes`` a
+    missing or wrong node in /dev is passed by through a private node.
+    """
+    path = f"loop{index}" if dir_fd is not None else device_path(index)
+    want = os.makedev(*sysfs.loop_devt(index))
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC, dir_fd=dir_fd)
+    except FileNotFoundError:
+        if not private_nodes or sysfs.devt(f"loop{index}") is None:
+            raise
+        return _open_private(index)
+    try:
+        st = os.fstat(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    if stat.S_ISBLK(st.st_mode) and st.st_rdev == want:
+        return fd
+    os.close(fd)
+    if private_nodes:
+        return _open_private(index)
+    raise errors.UnexpectedDevice(index, st.st_rdev, st.st_mode)
+
+
+def _open_private(index: int) -> int:
+    dev_dir = os.open(DEV, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        return _native.open_private(dev_dir, index, sysfs.part_shift())
+    finally:
+        os.close(dev_dir)
+
+
+def attach(
+    control: Control,
+    backing_fd: int,
+    config: _native.Config,
+    *,
+    lock: bool = False,
+    on_open: Callable[[int, int], None] | None = None,
+    on_discard: Callable[[int], None] | None = None,
+) -> tuple[int, int]:
+    """Bind a free device to ``backing_fd``; returns ``(index, fd)``.
+
+    With hooks, ``on_open`` adopts each device fd the loop opens and
+    ``on_discard`` closes one that is given up (also after a failure here).
+    A failure leaves nothing bound and no partition registered.
+    """
+    got = _native.attach(
+        control.fd,
+        control.dev_dir,
+        backing_fd,
+        config,
+        lock=lock,
+        on_open=on_open,
+        on_discard=on_discard,
+        private_nodes=control.private_nodes,
+        part_shift=sysfs.part_shift(),
+    )
+    try:
+        register_partitions(got.fd, got.minor, config)
+    except BaseException:
+        abort(got.fd, got.minor)
+        if on_discard is not None:
+            on_discard(got.fd)
+        else:
+            os.close(got.fd)
+        raise
+    return got.minor, got.fd
+
+
+def configure(dev_fd: int, index: int, backing_fd: int, config: _native.Config) -> None:
+    """Bind an open device (stale partitions go first) and register its partitions."""
+    _native.bind(dev_fd, index, backing_fd, config, device=device_path(index))
+    try:
+        register_partitions(dev_fd, index, config)
+    except BaseException:
+        abort(dev_fd, index)
+        raise
+
+
+def register_partitions(dev_fd: int, index: int, config: _native.Config) -> None:
+    """Where partscan was asked for: the image's partitions, if the kernel found none."""
+    if config.flags & _native.LO_FLAGS_PARTSCAN:
+        partitions.ensure_registered(dev_fd, index, config.file_name)
+
+
+def abort(dev_fd: int, index: int) -> None:
+    """Undo a half-done attach (the caller closes the fd); the original error matters."""
+    try:
+        _native.delete_partitions(dev_fd, index)
+    except OSError:
+        pass
+    _native.clear_fd_quietly(dev_fd)
+
+
+def release(dev_fd: int, index: int, before_clear: Callable[[], None] | None = None) -> None:
+    """Delete the device's partitions, then ``LOOP_CLR_FD``.
+
+    Partitions first: BLKPG partitions outlive the binding on kernels without
+    a partition parser and would point into the next file bound to this
+    minor. If one is in use this raises before anything changed.
+    ``before_clear`` runs between the two (nodes go before the device).
+    """
+    _native.delete_partitions(dev_fd, index)
+    if before_clear is not None:
+        before_clear()
+    _native.ioctl(dev_fd, _native.LOOP_CLR_FD, device=device_path(index))
+
+
+def set_status(dev_fd: int, index: int, info: _native.LoopInfo, old_span: tuple[int, int]) -> None:
+    """``LOOP_SET_STATUS64``; where the offset or size limit changed on a device with
+    partscan, its partitions are read again from the new span.
+
+    The kernel rescans only when partscan is newly turned on (loop_set_status
+    in drivers/block/loop.c); partitions loopdev registered would otherwise
+    keep pointing at the old offsets.
+    """
+    _native.set_status(dev_fd, info, device=device_path(index))
+    moved = (info.lo_offset, info.lo_sizelimit) != old_span
+    if moved and info.lo_flags & _native.LO_FLAGS_PARTSCAN:
+        _native.delete_partitions(dev_fd, index)
+        partitions.ensure_registered(dev_fd, index, None)
