@@ -178,13 +178,25 @@ def _warn(message: str) -> None:
     sys.stderr.write(f"{PROG}: {message}\n")
 
 
+# The library's messages name its keyword arguments; the CLI user typed flags.
+_CLI_TERMS = (
+    ("pass read_only=True", "use --read-only"),
+    ("read_only=True", "--read-only"),
+    ("direct_io='auto' or False", "--direct-io=auto or off"),
+    ("block_size=", "--sector-size "),
+    ("node_dir", "a node directory"),
+)
+
+
 def _message(exc: BaseException) -> str:
-    """One line for ``exc``: LoopError's own text, else ``path: reason``."""
+    """One line for ``exc``: LoopError's own text, else ``path: reason``; in CLI terms."""
     if isinstance(exc, OSError) and not isinstance(exc, LoopError) and exc.strerror:
         where = [str(f) for f in (exc.filename, exc.filename2) if f is not None]
         text = f"{' -> '.join(where)}: {exc.strerror}" if where else exc.strerror
     else:
         text = str(exc) or type(exc).__name__
+    for api, cli in _CLI_TERMS:
+        text = text.replace(api, cli)
     return " ".join(text.splitlines())
 
 
@@ -230,6 +242,30 @@ def _overlapping(path: str, offset: int, sizelimit: int, read_only: bool) -> Dev
     return None
 
 
+def _writable(path: str) -> bool:
+    """Whether ``path`` opens read-write (losetup falls back to read-only where not)."""
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK))
+    except OSError as exc:
+        return exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS)
+    return True
+
+
+def _warn_if_tiny(path: str, offset: int) -> None:
+    """losetup's warning for a file that holds less than one sector past the offset."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return  # attach says why
+    remaining = st.st_size - offset
+    # Past the end (offset >= size) is an error the library reports instead.
+    if stat.S_ISREG(st.st_mode) and (remaining > 0 or st.st_size == 0) and remaining < 512:
+        _warn(
+            f"{path}: Warning: file is smaller than 512 bytes; the loop device may be "
+            "useless or invisible for system tools."
+        )
+
+
 def cmd_attach(args: argparse.Namespace) -> int:
     """Attach FILE to a free device that stays bound after we exit."""
     from loopdev.device import attach
@@ -246,11 +282,15 @@ def cmd_attach(args: argparse.Namespace) -> int:
             if args.show:
                 _out(reuse.path)
             return 0
+    read_only = args.read_only or not _writable(args.file)
+    if read_only and not args.read_only:
+        _warn(f"{args.file}: Warning: file is write-protected, attaching read-only")
+    _warn_if_tiny(args.file, args.offset)
     dev = attach(
         args.file,
         offset=args.offset,
         sizelimit=args.sizelimit,
-        read_only=args.read_only,
+        read_only=read_only,
         partscan=args.partscan,
         direct_io=_DIRECT_IO[args.direct_io],
         block_size=args.sector_size,
@@ -275,7 +315,7 @@ def _not_bound(exc: OSError, path: str) -> OSError:
     return exc
 
 
-def _detach_device(name: str, backing: str | None = None) -> None:
+def _detach_device(name: str, backing: str | None, wait: float) -> None:
     """Detach ``name``; with ``backing``, only while it is still bound to that file."""
     from loopdev.device import find, open_device
 
@@ -288,7 +328,7 @@ def _detach_device(name: str, backing: str | None = None) -> None:
             if name not in {i.name for i in _sysfs_retry(lambda: find(file))}:
                 return
         try:
-            dev.detach()
+            dev.detach(timeout=wait)
         except OSError as exc:
             raise _not_bound(exc, dev.path) from exc
     finally:
@@ -332,7 +372,7 @@ def cmd_detach(args: argparse.Namespace) -> int:
             failed = True
     for name, backing in targets:
         try:
-            _detach_device(name, backing)
+            _detach_device(name, backing, args.wait)
         except OSError as exc:
             # Go on with the others, like losetup -d; the status says it failed.
             _report(exc, args.debug)
@@ -459,6 +499,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "-a", "--all", action="store_true", help="detach every bound loop device (losetup -D)"
+    )
+    p.add_argument(
+        "--wait",
+        nargs="?",
+        type=float,
+        const=10.0,
+        default=0.0,
+        metavar="SECONDS",
+        help="wait until the kernel released each device (default 10 s when given without "
+        "a value); without it, return at once like losetup -d (the kernel releases a device "
+        "still held open when its last user closes it)",
     )
     p.add_argument("targets", nargs="*", metavar="DEVICE|FILE")
 
