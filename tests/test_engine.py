@@ -1,0 +1,218 @@
+"""The shared engine: behaviours both faces get from it, on real devices.
+
+- the loop-control lock is a courtesy: SIGINT while waiting for it raises
+  ``KeyboardInterrupt`` at once and leaves nothing bound;
+- fork() while another thread runs a first attach: the child attaches (no
+  import happens on the attach path);
+- compat ``set_status`` that moves the offset moves the partitions with it;
+- compat records the backing path in ``lo_file_name``;
+- ``loopdev.open()`` does not leak its fd into a later ``detach()``;
+- typed errors for input that alone decides the outcome.
+"""
+
+from __future__ import annotations
+
+import errno
+import gc
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from conftest import bound_under
+
+import loopdev
+from loopdev import _native
+from loopdev.errors import BackingFileError, DeviceNodeError, LoopError
+
+MiB = 1 << 20
+
+
+def _image(path: Path, size: int = 4 * MiB) -> Path:
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
+def _gpt(path: Path) -> Path:
+    _image(path, 16 * MiB)
+    script = "label: gpt\nstart=2048, size=4096\nstart=8192, size=4096\n"
+    subprocess.run(["sfdisk", "-q", str(path)], input=script, text=True, check=True)
+    return path
+
+
+def test_sigint_while_waiting_for_control_lock(tmp_path: Path, devices: None) -> None:
+    """A child waits for a loop-control lock we hold; SIGINT ends the wait at once with
+    KeyboardInterrupt and nothing bound."""
+    image = _image(tmp_path / "sig.img")
+    private = tmp_path / "private"
+    private.mkdir()
+    os.mknod(private / "loop-control", stat.S_IFCHR | 0o600, os.makedev(10, 237))
+    holder = os.open(private / "loop-control", os.O_RDWR | os.O_CLOEXEC)
+    import fcntl
+
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    child = textwrap.dedent(
+        f"""
+        import os, sys, time
+        from loopdev import LoopControl
+        ctl = LoopControl(os.open({str(private)!r}, os.O_PATH | os.O_DIRECTORY))
+        fd = os.open({str(image)!r}, os.O_RDWR)
+        print("ready", flush=True)
+        try:
+            ctl.loop_for_fd(fd, autoclear=True)
+        except KeyboardInterrupt:
+            print(time.monotonic(), flush=True)
+            sys.exit(0)
+        sys.exit(3)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(0.2)  # inside the wait for the lock
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        raised = float(proc.stdout.readline())
+        assert proc.wait(10) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+        os.close(holder)
+    assert raised - sent < 0.1, f"KeyboardInterrupt {raised - sent:.3f} s after SIGINT"
+    assert bound_under(str(tmp_path)) == []
+
+
+def test_fork_during_first_attach(tmp_path: Path, devices: None) -> None:
+    """A fresh interpreter: one thread attaches for the first time while the main thread
+    forks; the child attaches too (it would hang on an import lock held by the thread)."""
+    image = _image(tmp_path / "fork.img")
+    child = textwrap.dedent(
+        f"""
+        import os, sys, threading
+        import loopdev
+
+        def attacher():
+            for _ in range(20):
+                with loopdev.attach({str(image)!r}, partscan=True):
+                    pass
+
+        t = threading.Thread(target=attacher)
+        t.start()
+        pids = []
+        for _ in range(5):
+            pid = os.fork()
+            if pid == 0:
+                with loopdev.attach({str(image)!r}, partscan=True):
+                    pass
+                os._exit(0)
+            pids.append(pid)
+        t.join()
+        for pid in pids:
+            assert os.waitpid(pid, 0)[1] == 0
+        print("ok")
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", child], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.strip() == "ok"
+
+
+def test_compat_set_status_moves_partitions(tmp_path: Path, devices: None) -> None:
+    """Partitions loopdev registered follow a new offset, as a rescan would."""
+    if shutil.which("sfdisk") is None:
+        pytest.skip("sfdisk not installed")
+    # The table 1 MiB into a bigger file (and not at its end, where the backup
+    # header would be found): attached at offset 0 there is none.
+    inner = _gpt(tmp_path / "inner.img")
+    outer = tmp_path / "outer.img"
+    with open(outer, "wb") as f:
+        f.truncate(MiB)
+        f.seek(MiB)
+        f.write(inner.read_bytes())
+        f.truncate(MiB + inner.stat().st_size + MiB)
+    fd = os.open(outer, os.O_RDWR | os.O_CLOEXEC)
+    ctl = loopdev.LoopControl()
+    lo = ctl.loop_for_fd(fd, autoclear=True, partscan=True)
+    try:
+        assert loopdev.open(lo.minor).partitions == []
+        lo.set_status(offset=MiB)
+        parts = [(p.number, p.start) for p in loopdev.open(lo.minor).partitions]
+        assert parts == [(1, 2048 * 512), (2, 8192 * 512)]
+    finally:
+        lo.clear_fd()
+        lo.close()
+        ctl.close()
+        os.close(fd)
+
+
+def test_compat_records_backing_path(tmp_path: Path, devices: None) -> None:
+    """lo_file_name holds the backing path (cut at 63 bytes as the kernel cuts it)."""
+    image = _image(tmp_path / ("x" * 80 + ".img"))
+    fd = os.open(image, os.O_RDWR | os.O_CLOEXEC)
+    ctl = loopdev.LoopControl()
+    try:
+        for force in (False, True):
+            _native.force_fallback(force)
+            lo = ctl.loop_for_fd(fd, autoclear=True)
+            name = lo.get_status().file_name
+            lo.close()
+            assert name == str(image)[: _native.LO_NAME_SIZE - 1]
+    finally:
+        _native.force_fallback(os.environ.get("LOOPDEV_FORCE_FALLBACK") == "1")
+        ctl.close()
+        os.close(fd)
+
+
+def test_open_does_not_block_detach(tmp_path: Path, devices: None) -> None:
+    """An fd of loopdev.open() left to the garbage collector does not hold the device."""
+    image = _image(tmp_path / "open.img")
+    dev = loopdev.attach(image)
+    loopdev.open(dev.minor).info()
+    gc.collect()
+    start = time.monotonic()
+    dev.detach(timeout=5)
+    assert time.monotonic() - start < 1
+
+
+def test_zero_byte_file_attaches(tmp_path: Path, devices: None) -> None:
+    """As with losetup: a 0-byte file attaches (the CLI warns)."""
+    image = _image(tmp_path / "zero.img", 0)
+    with loopdev.attach(image) as dev:
+        assert dev.info().size == 0
+
+
+@pytest.mark.parametrize(
+    ("call", "cls", "code"),
+    [
+        (lambda p: loopdev.find(p / "missing"), BackingFileError, errno.ENOENT),
+        (lambda p: loopdev.open(99999), DeviceNodeError, errno.ENOENT),
+        (lambda p: loopdev.open(-1), LoopError, errno.EINVAL),
+        (lambda p: loopdev.attach(p / "zero.img", node_dir=p / "nope"), DeviceNodeError, 2),
+    ],
+    ids=["find-missing", "open-9999", "open-negative", "missing-node-dir"],
+)
+def test_typed_errors(tmp_path: Path, devices: None, call: object, cls: type, code: int) -> None:
+    _image(tmp_path / "zero.img", MiB)
+    with pytest.raises(cls) as exc:
+        call(tmp_path)  # type: ignore[operator]
+    assert exc.value.errno == code
+    assert bound_under(str(tmp_path)) == []
+
+
+def test_o_path_fd_is_refused_before_any_device(tmp_path: Path, devices: None) -> None:
+    image = _image(tmp_path / "opath.img")
+    fd = os.open(image, os.O_PATH | os.O_CLOEXEC)
+    try:
+        with pytest.raises(BackingFileError, match="O_PATH"):
+            loopdev.attach(fd)
+    finally:
+        os.close(fd)
