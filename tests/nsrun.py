@@ -394,19 +394,22 @@ def _check_host_dev(before: tuple[dict[str, list[Any]], list[tuple[str, str]]]) 
     return problems
 
 
+def _undo(argv: list[str]) -> str:
+    out = subprocess.run(argv, capture_output=True, text=True, check=False)
+    return "" if out.returncode == 0 else f" ({' '.join(argv)}: {out.stderr.strip()})"
+
+
 def _clean_up(images: Sequence[str], names: Sequence[str]) -> list[str]:
     """Leaks of the child: reported, and undone so they do not cascade."""
     problems = []
     for image in images:
         for name in wait_unbound(image):
-            problems.append(f"{name} left bound to {image}")
-            if LOSETUP:
-                subprocess.run([LOSETUP, "-d", f"/dev/{name}"], check=False)
+            undo = _undo([LOSETUP, "-d", f"/dev/{name}"]) if LOSETUP else ""
+            problems.append(f"{name} left bound to {image}{undo}")
         wait_unbound(image)
     for name, parts in stale_partitions(names).items():
-        problems.append(f"{name} unbound with partitions left registered: {parts}")
-        if PARTX:
-            subprocess.run([PARTX, "-d", f"/dev/{name}"], check=False)
+        undo = _undo([PARTX, "-d", f"/dev/{name}"]) if PARTX else ""
+        problems.append(f"{name} unbound with partitions left registered: {parts}{undo}")
     return problems
 
 
