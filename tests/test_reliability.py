@@ -820,11 +820,12 @@ def test_configure_while_another_process_reads(
             try:
                 lo.configure(fd, offset=4096, sizelimit=2 * MiB, blocksize=4096, autoclear=True)
                 break
-            except DeviceBusy:
+            except DeviceBusy as exc:
+                busy = exc
                 lo.close()
                 reap(reader)
         else:
-            pytest.fail("no free minor stayed free for a single configure")
+            pytest.fail(f"no free minor stayed free for a single configure: {busy}")
         try:
             status = lo.get_status()
             assert (status.lo_offset, status.lo_sizelimit, status.autoclear) == (4096, 2 * MiB, 1)

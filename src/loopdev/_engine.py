@@ -12,7 +12,9 @@ import errno
 import os
 import stat
 
-from loopdev import _native, errors, partitions, sysfs
+import logging
+
+from loopdev import _native, errors, nodes, partitions, sysfs
 
 TYPE_CHECKING = False  # typing is costly to import at run time
 if TYPE_CHECKING:
@@ -117,7 +119,7 @@ def open_device(index: int, dir_fd: int | None = None, *, private_nodes: bool = 
 def _open_private(index: int) -> int:
     dev_dir = os.open(DEV, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        return _native.open_private(dev_dir, index, sysfs.part_shift())
+        return _native.open_private(dev_dir, index, sysfs.minor_shift())
     finally:
         os.close(dev_dir)
 
@@ -130,6 +132,7 @@ def attach(
     lock: bool = False,
     on_open: Callable[[int, int], None] | None = None,
     on_discard: Callable[[int], None] | None = None,
+    node_mode: int = 0o600,
 ) -> tuple[int, int]:
     """Bind a free device to ``backing_fd``; returns ``(index, fd)``.
 
@@ -146,10 +149,11 @@ def attach(
         on_open=on_open,
         on_discard=on_discard,
         private_nodes=control.private_nodes,
-        part_shift=sysfs.part_shift(),
+        part_shift=sysfs.minor_shift(),
     )
     try:
         register_partitions(got.fd, got.minor, config)
+        publish_nodes(got.minor, node_mode)
     except BaseException:
         abort(got.fd, got.minor)
         if on_discard is not None:
@@ -165,6 +169,7 @@ def configure(dev_fd: int, index: int, backing_fd: int, config: _native.Config) 
     _native.bind(dev_fd, index, backing_fd, config, device=device_path(index))
     try:
         register_partitions(dev_fd, index, config)
+        publish_nodes(index)
     except BaseException:
         abort(dev_fd, index)
         raise
@@ -176,10 +181,48 @@ def register_partitions(dev_fd: int, index: int, config: _native.Config) -> None
         partitions.ensure_registered(dev_fd, index, config.file_name)
 
 
+def publish_nodes(index: int, mode: int = 0o600) -> None:
+    """Nodes for ``loop{index}`` and its partitions in /dev, so that their paths open.
+
+    On a devtmpfs the kernel makes them (we wait for the partitions'). Elsewhere
+    (a container's static tmpfs) loopdev makes them as devtmpfs would, marked
+    as its own so that whoever releases the device removes them. A read-only
+    /dev gets none: the device fd works, its path does not (use node_dir).
+    """
+    parts = partitions.list_partitions(f"loop{index}")
+    if nodes.dev_is_devtmpfs():
+        partitions.wait_for_nodes(parts)
+        return
+    entries = [(f"loop{index}", sysfs.loop_devt(index))] + [
+        (p.name, (p.major, p.minor)) for p in parts
+    ]
+    try:
+        made = nodes.NodeSet(DEV)
+    except OSError:
+        return
+    try:
+        for name, devt in entries:
+            made.add(name, devt, mode, mark=True)
+    except OSError as exc:
+        made.remove()
+        if exc.errno != errno.EROFS:
+            raise
+        logging.getLogger("loopdev").warning("/dev is read-only: no nodes for loop%d", index)
+    finally:
+        made.close()
+
+
+def unpublish_nodes(index: int) -> None:
+    """Remove the /dev nodes loopdev made for ``loop{index}`` and its partitions."""
+    if not nodes.dev_is_devtmpfs():
+        nodes.remove_marked(DEV, f"loop{index}")
+
+
 def abort(dev_fd: int, index: int) -> None:
     """Undo a half-done attach (the caller closes the fd); the original error matters."""
     try:
         _native.delete_partitions(dev_fd, index)
+        unpublish_nodes(index)
     except OSError:
         pass
     _native.clear_fd_quietly(dev_fd)
@@ -196,6 +239,7 @@ def release(dev_fd: int, index: int, before_clear: Callable[[], None] | None = N
     _native.delete_partitions(dev_fd, index)
     if before_clear is not None:
         before_clear()
+    unpublish_nodes(index)
     _native.ioctl(dev_fd, _native.LOOP_CLR_FD, device=device_path(index))
 
 

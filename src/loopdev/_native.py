@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     OnDiscard = Callable[[int], None]
 
 LOOP_MAJOR: int = lib.LOOP_MAJOR
+BLOCK_EXT_MAJOR: int = lib.BLOCK_EXT_MAJOR  # partitions past max_part get minors here
 LO_NAME_SIZE: int = lib.LO_NAME_SIZE
 LO_FLAGS_READ_ONLY: int = lib.LO_FLAGS_READ_ONLY
 LO_FLAGS_AUTOCLEAR: int = lib.LO_FLAGS_AUTOCLEAR

@@ -53,10 +53,11 @@ class Loop:
         self.devname = f"loop{minor}"
         self.on_close = None
         self._dir_fd = dir_fd
+        self._autoclear = False  # released by our close() only if we set autoclear
         self.fd = _engine.open_device(minor, dir_fd)
 
     @classmethod
-    def _adopt(cls, minor: int, fd: int, dir_fd: int | None) -> Loop:
+    def _adopt(cls, minor: int, fd: int, dir_fd: int | None, autoclear: bool) -> Loop:
         """Wrap a device fd the native attach loop opened and checked; takes ownership."""
         lo = cls.__new__(cls)
         lo.fd = fd
@@ -64,6 +65,7 @@ class Loop:
         lo.devname = f"loop{minor}"
         lo.on_close = None
         lo._dir_fd = dir_fd
+        lo._autoclear = autoclear
         return lo
 
     def __del__(self) -> None:
@@ -80,6 +82,8 @@ class Loop:
             if self.fd >= 0:
                 fd, self.fd = self.fd, -1
                 self.devname = "<closed>"
+                if self._autoclear:
+                    _engine.unpublish_nodes(self.minor)
                 os.close(fd)
 
     def flock(self, op: int) -> None:
@@ -192,6 +196,7 @@ class Loop:
         """Bind to ``fd`` and configure in one step (``LOOP_CONFIGURE``, or its fallback)."""
         config = _config_from_kwargs(offset, sizelimit, blocksize, autoclear, partscan, read_only)
         _engine.configure(self.fd, self.minor, fd, config)
+        self._autoclear = bool(autoclear)
 
     def get_status(self) -> LoopInfo:
         """``LOOP_GET_STATUS64``; ``OSError(ENXIO)`` when unbound."""
@@ -272,13 +277,14 @@ class LoopControl:
         if fd < 0:
             raise ValueError(f"Invalid file descriptor '{fd}'")
         config = _config_from_kwargs(**kwargs)
+        autoclear = bool(config.flags & _native.LO_FLAGS_AUTOCLEAR)
         if setup is None:
             index, dev_fd = _engine.attach(self._control, fd, config, lock=lock)
-            return Loop._adopt(index, dev_fd, self._dir_fd)
+            return Loop._adopt(index, dev_fd, self._dir_fd, autoclear)
         current: list[Loop] = []
 
         def on_open(index: int, dev_fd: int) -> None:
-            lo = Loop._adopt(index, dev_fd, self._dir_fd)
+            lo = Loop._adopt(index, dev_fd, self._dir_fd, autoclear)
             current.append(lo)
             try:
                 setup(lo)

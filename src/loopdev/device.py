@@ -169,7 +169,7 @@ class LoopDevice:
     @property
     def nodes(self) -> list[str]:
         """Names of the private nodes made by ``attach(node_dir=...)``."""
-        return [name for s in self._nodes if s.where != _engine.DEV for name, _ in s.made]
+        return [name for made in self._nodes for name, _ in made.made]
 
     def resize(self) -> int:
         """Re-read the backing file's size (after it grew); returns the new size."""
@@ -189,7 +189,7 @@ class LoopDevice:
             os.fsync(self._fd)
         except OSError:
             pass  # a read-only device has nothing to write back
-        _engine.release(self._fd, self.minor, before_clear=lambda: self._remove_nodes(True))
+        _engine.release(self._fd, self.minor, before_clear=self._remove_nodes)
         fd, self._fd = self._fd, -1
         os.close(fd)
         if timeout <= 0:
@@ -207,7 +207,9 @@ class LoopDevice:
     def close(self) -> None:
         """Close our fd without detaching (an autoclear device is released then)."""
         if self._fd >= 0:
-            self._remove_nodes(self._autoclear)
+            self._remove_nodes()
+            if self._autoclear:
+                _engine.unpublish_nodes(self.minor)
             fd, self._fd = self._fd, -1
             os.close(fd)
 
@@ -233,49 +235,23 @@ class LoopDevice:
             raise LoopError(errno.EBADF, "device was detached or closed", device=self.path)
         return self._fd
 
-    def _node_entries(self) -> list[tuple[str, DevT]]:
-        return [(self.name, sysfs.loop_devt(self.minor))] + [
-            (p.name, (p.major, p.minor)) for p in self.partitions
-        ]
-
-    def _make_nodes(self, node_dir: str | os.PathLike[str] | None, mode: int) -> None:
-        """Nodes in ``node_dir``; and in /dev where nothing else makes them (containers)."""
-        entries = self._node_entries()
-        if not nodes.dev_is_devtmpfs():
-            self._add_nodes(_engine.DEV, entries, mode, mark=True)
-        else:
-            partitions.wait_for_nodes(self.partitions)
-        if node_dir is not None:
-            self._add_nodes(node_dir, entries, mode, mark=False)
-
-    def _add_nodes(
-        self,
-        where: str | os.PathLike[str],
-        entries: list[tuple[str, DevT]],
-        mode: int,
-        *,
-        mark: bool,
-    ) -> None:
-        made = nodes.NodeSet(where)
+    def _make_nodes(self, node_dir: str | os.PathLike[str], mode: int) -> None:
+        made = nodes.NodeSet(node_dir)
         self._nodes.append(made)
-        for name, devt in entries:
-            made.add(name, devt, mode, mark=mark)
+        made.add(self.name, sysfs.loop_devt(self.minor), mode)
+        for p in self.partitions:
+            made.add(p.name, (p.major, p.minor), mode)
 
-    def _remove_nodes(self, released: bool) -> None:
-        """Private nodes always; those in /dev only when the device goes (``released``)."""
+    def _remove_nodes(self) -> None:
         for made in self._nodes:
-            if released or made.where != _engine.DEV:
-                made.remove()
+            made.remove()
             made.close()
         self._nodes.clear()
-        if released and not nodes.dev_is_devtmpfs():
-            # Nodes an earlier process (the CLI's attach) made in /dev.
-            nodes.remove_marked(_engine.DEV, [name for name, _ in self._node_entries()])
 
     def _abort(self) -> None:
         """Undo a half-finished attach; the original error matters, not ours."""
         try:
-            self._remove_nodes(True)
+            self._remove_nodes()
         except OSError:
             pass
         _engine.abort(self._fd, self.minor)
@@ -423,16 +399,17 @@ def attach(
         )
         control = _engine.Control()
         try:
-            minor, dev_fd = _engine.attach(control, fd, config, lock=lock)
+            minor, dev_fd = _engine.attach(control, fd, config, lock=lock, node_mode=node_mode)
         finally:
             control.close()
         dev = LoopDevice(minor, dev_fd, owned=True, backing_st=st)
         dev._autoclear = autoclear
-        try:
-            dev._make_nodes(node_dir, node_mode)
-        except BaseException:
-            dev._abort()
-            raise
+        if node_dir is not None:
+            try:
+                dev._make_nodes(node_dir, node_mode)
+            except BaseException:
+                dev._abort()
+                raise
         return dev
     finally:
         if opened:

@@ -31,8 +31,11 @@ def _device_name(rdev: int) -> str | None:
 
 
 def _is_ours_to_replace(st: os.stat_result) -> bool:
-    """A block node for no device, or for a loop device or partition: loopdev's kind."""
+    """A block node with numbers loop devices and their partitions get (majors 7 and
+    259), for no device now or for a loop device or partition: loopdev's kind."""
     if not stat.S_ISBLK(st.st_mode):
+        return False
+    if os.major(st.st_rdev) not in (_native.LOOP_MAJOR, _native.BLOCK_EXT_MAJOR):
         return False
     name = _device_name(st.st_rdev)
     return name is None or name.startswith("loop")
@@ -149,14 +152,20 @@ class NodeSet:
         self.made: list[tuple[str, DevT]] = []
 
     def add(self, name: str, devt: DevT, mode: int, *, mark: bool = False) -> None:
-        """Make (or keep, if it is already right) the node ``name``."""
-        if place_node(self.dir_fd, name, devt, mode, where=self.where):
+        """Make (or keep, if it is already right) the node ``name``.
+
+        Marked nodes (in /dev) are removed only if made here: a right one that
+        was there already belongs to whoever made it. In a private directory a
+        right one is a leftover of ours (a killed process) and goes too.
+        """
+        made = place_node(self.dir_fd, name, devt, mode, where=self.where)
+        if made or not mark:
             self.made.append((name, devt))
-            if mark:
-                try:
-                    os.setxattr(f"{self.where}/{name}", _MARK, b"1", follow_symlinks=False)
-                except OSError:
-                    pass  # no xattrs there: a later process will not remove it
+        if made and mark:
+            try:
+                os.setxattr(f"{self.where}/{name}", _MARK, b"1", follow_symlinks=False)
+            except OSError:
+                pass  # no xattrs there: a later process will not remove it
 
     def remove(self) -> None:
         """Remove the nodes made (only those still pointing where we made them)."""
@@ -170,15 +179,16 @@ class NodeSet:
             self.dir_fd = -1
 
 
-def remove_marked(directory: str, names: list[str]) -> None:
-    """Remove each of ``names`` in ``directory`` that loopdev made (it carries the mark)."""
-    for name in names:
+def remove_marked(directory: str, device: str) -> None:
+    """Remove the nodes of ``device`` (``loopN``) and its partitions (``loopNpM``) in
+    ``directory`` that loopdev made (they carry the mark)."""
+    prefix = f"{device}p"
+    for name in os.listdir(directory):
+        if name != device and not (name.startswith(prefix) and name[len(prefix) :].isdigit()):
+            continue
         path = f"{directory}/{name}"
         try:
             os.getxattr(path, _MARK, follow_symlinks=False)
-        except OSError:
-            continue  # not there, or not ours
-        try:
             os.unlink(path)
-        except FileNotFoundError:
-            pass
+        except OSError:
+            continue  # gone meanwhile, or not ours

@@ -24,7 +24,7 @@ _MAX_PART = "/sys/module/loop/parameters/max_part"
 _part_shift: int | None = None
 
 
-def part_shift() -> int:
+def minor_shift() -> int:
     """The loop module's minor shift: loopN is minor ``N << part_shift``.
 
     ``loop.max_part=M`` reserves minors for M partitions per device
@@ -41,9 +41,9 @@ def part_shift() -> int:
     return _part_shift
 
 
-def loop_devt(index: int, shift: int | None = None) -> tuple[int, int]:
+def loop_devt(index: int, part_shift: int | None = None) -> tuple[int, int]:
     """``(major, minor)`` of ``loop{index}``, as the loop module numbers it."""
-    return LOOP_MAJOR, index << (part_shift() if shift is None else shift)
+    return LOOP_MAJOR, index << (minor_shift() if part_shift is None else part_shift)
 
 
 def devt(name: str) -> tuple[int, int] | None:
