@@ -921,3 +921,79 @@ int ld_unmount(const char *target)
 {
     return umount2(target, MNT_DETACH) < 0 ? neg_errno() : 0;
 }
+
+/* ------------------------------------------------------------ sysfs reads */
+
+/* Read attribute `path` below dirfd into buf (NUL-terminated, trailing
+ * newline dropped); returns its length or -errno. */
+static int read_attr(int dirfd, const char *path, char *buf, size_t size)
+{
+    ssize_t n;
+    int fd = openat(dirfd, path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return neg_errno();
+    n = read(fd, buf, size - 1);
+    if (n < 0)
+        n = neg_errno();
+    close(fd);
+    if (n < 0)
+        return (int)n;
+    if (n > 0 && buf[n - 1] == '\n')
+        n--;
+    buf[n] = 0;
+    return (int)n;
+}
+
+static int read_u64(int dirfd, const char *path, uint64_t *out)
+{
+    char buf[32];
+    int r = read_attr(dirfd, path, buf, sizeof(buf));
+    if (r < 0)
+        return r;
+    *out = strtoull(buf, NULL, 10);
+    return 0;
+}
+
+static int read_int(int dirfd, const char *path, int *out)
+{
+    uint64_t v = 0;
+    int r = read_u64(dirfd, path, &v);
+    *out = (int)v;
+    return r;
+}
+
+/* -ENXIO when the device is not bound (or went away while we read). The
+ * kernel answers ENODEV or ENXIO, not only ENOENT, for attributes of a
+ * device unbound under us (6.x). */
+int ld_sysfs_info(const char *name, struct ld_sysfs_info *out)
+{
+    int sysfs = sysfs_block_fd(), dirfd, r;
+
+    if (sysfs < 0)
+        return -ENOENT;
+    dirfd = openat(sysfs, name, O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (dirfd < 0)
+        return errno == ENOENT ? -ENXIO : neg_errno();
+    r = read_attr(dirfd, "loop/backing_file", out->backing, sizeof(out->backing));
+    out->backing_len = r;
+    if (r >= 0)
+        r = read_u64(dirfd, "loop/offset", &out->offset);
+    if (r >= 0)
+        r = read_u64(dirfd, "loop/sizelimit", &out->sizelimit);
+    if (r >= 0)
+        r = read_int(dirfd, "loop/autoclear", &out->autoclear);
+    if (r >= 0)
+        r = read_int(dirfd, "loop/partscan", &out->partscan);
+    if (r >= 0)
+        r = read_int(dirfd, "loop/dio", &out->direct_io);
+    if (r >= 0)
+        r = read_int(dirfd, "ro", &out->read_only);
+    if (r >= 0)
+        r = read_int(dirfd, "queue/logical_block_size", &out->block_size);
+    if (r >= 0)
+        r = read_u64(dirfd, "size", &out->sectors);
+    close(dirfd);
+    if (r == -ENOENT || r == -ENODEV || r == -ENOTDIR || (r >= 0 && out->backing_len == 0))
+        return -ENXIO;
+    return r < 0 ? r : 0;
+}

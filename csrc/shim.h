@@ -77,3 +77,20 @@ void ld_force_fallback(int on);
 int ld_open_private(int dirfd, int index, int part_shift);
 int ld_bind_mount(const char *source, const char *target);
 int ld_unmount(const char *target);
+
+/* What sysfs says of a bound loop device (/sys/block/NAME/...), read in one
+ * call: the ioctl cuts the backing path at 64 bytes, sysfs does not. */
+struct ld_sysfs_info {
+    uint64_t offset;
+    uint64_t sizelimit;
+    uint64_t sectors;           /* size in 512-byte sectors */
+    int read_only;
+    int autoclear;
+    int partscan;
+    int direct_io;
+    int block_size;
+    int backing_len;
+    char backing[4096];
+};
+
+int ld_sysfs_info(const char *name, struct ld_sysfs_info *out);

@@ -9,10 +9,9 @@ partitions, with one abort path), configure an open device, release.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat
-
-import logging
 
 from loopdev import _native, errors, nodes, partitions, sysfs
 
@@ -153,7 +152,7 @@ def attach(
     )
     try:
         register_partitions(got.fd, got.minor, config)
-        publish_nodes(got.minor, node_mode)
+        publish_nodes(got.minor, config, node_mode)
     except BaseException:
         abort(got.fd, got.minor)
         if on_discard is not None:
@@ -169,7 +168,7 @@ def configure(dev_fd: int, index: int, backing_fd: int, config: _native.Config) 
     _native.bind(dev_fd, index, backing_fd, config, device=device_path(index))
     try:
         register_partitions(dev_fd, index, config)
-        publish_nodes(index)
+        publish_nodes(index, config)
     except BaseException:
         abort(dev_fd, index)
         raise
@@ -181,7 +180,7 @@ def register_partitions(dev_fd: int, index: int, config: _native.Config) -> None
         partitions.ensure_registered(dev_fd, index, config.file_name)
 
 
-def publish_nodes(index: int, mode: int = 0o600) -> None:
+def publish_nodes(index: int, config: _native.Config, mode: int = 0o600) -> None:
     """Nodes for ``loop{index}`` and its partitions in /dev, so that their paths open.
 
     On a devtmpfs the kernel makes them (we wait for the partitions'). Elsewhere
@@ -189,7 +188,8 @@ def publish_nodes(index: int, mode: int = 0o600) -> None:
     as its own so that whoever releases the device removes them. A read-only
     /dev gets none: the device fd works, its path does not (use node_dir).
     """
-    parts = partitions.list_partitions(f"loop{index}")
+    partscan = config.flags & _native.LO_FLAGS_PARTSCAN
+    parts = partitions.list_partitions(f"loop{index}") if partscan else []
     if nodes.dev_is_devtmpfs():
         partitions.wait_for_nodes(parts)
         return

@@ -348,6 +348,43 @@ def unmount(target: str) -> None:
         raise OSError(-err, os.strerror(-err), target)
 
 
+class SysfsInfo:
+    """One bound device as sysfs describes it (see ``struct ld_sysfs_info``)."""
+
+    __slots__ = (
+        "autoclear",
+        "backing",
+        "block_size",
+        "direct_io",
+        "offset",
+        "partscan",
+        "read_only",
+        "size",
+        "sizelimit",
+    )
+
+    def __init__(self, raw: Any) -> None:
+        self.backing = os.fsdecode(ffi.unpack(raw.backing, raw.backing_len))
+        self.offset: int = raw.offset
+        self.sizelimit: int = raw.sizelimit
+        self.size: int = raw.sectors * 512  # sysfs counts 512-byte sectors
+        self.read_only = bool(raw.read_only)
+        self.autoclear = bool(raw.autoclear)
+        self.partscan = bool(raw.partscan)
+        self.direct_io = bool(raw.direct_io)
+        self.block_size: int = raw.block_size
+
+
+def sysfs_info(name: str) -> SysfsInfo | None:
+    """What sysfs says of ``name`` (``loopN``), read in C; None when it is not bound."""
+    raw = ffi.new("struct ld_sysfs_info *")
+    err = lib.ld_sysfs_info(name.encode(), raw)
+    if err == -errno.ENXIO:
+        return None
+    check(err, "reading sysfs", f"/sys/block/{name}")
+    return SysfsInfo(raw)
+
+
 def force_fallback(on: bool) -> None:
     """Use ``LOOP_SET_FD`` + ``LOOP_SET_STATUS64`` even where ``LOOP_CONFIGURE`` exists."""
     lib.ld_force_fallback(int(on))

@@ -18,7 +18,6 @@ from loopdev.errors import (
     DeviceNodeError,
     LoopError,
 )
-from loopdev.nodes import DevT
 
 __all__ = ["DeviceInfo", "LoopDevice", "attach", "devices", "find", "open_device"]
 
@@ -54,33 +53,24 @@ class DeviceInfo:
         return f"/dev/{self.name}"
 
 
-def _flag(name: str, attr: str) -> bool:
-    return sysfs.read_int(name, attr) != 0
-
-
 def device_info(name: str) -> DeviceInfo | None:
     """What sysfs says of ``name``; None when it is not bound."""
-    backing = sysfs.backing_file(name)
-    if backing is None:
+    got = _native.sysfs_info(name)
+    if got is None:
         return None
-    try:
-        return DeviceInfo(
-            name=name,
-            minor=int(name[4:]),
-            backing_file=backing,
-            offset=sysfs.read_int(name, "loop/offset"),
-            sizelimit=sysfs.read_int(name, "loop/sizelimit"),
-            read_only=_flag(name, "ro"),
-            autoclear=_flag(name, "loop/autoclear"),
-            partscan=_flag(name, "loop/partscan"),
-            direct_io=_flag(name, "loop/dio"),
-            block_size=sysfs.read_int(name, "queue/logical_block_size"),
-            size=sysfs.read_int(name, "size") * 512,
-        )
-    except OSError as exc:
-        if sysfs.is_gone(exc):
-            return None  # unbound while we read
-        raise
+    return DeviceInfo(
+        name=name,
+        minor=int(name[4:]),
+        backing_file=got.backing,
+        offset=got.offset,
+        sizelimit=got.sizelimit,
+        read_only=got.read_only,
+        autoclear=got.autoclear,
+        partscan=got.partscan,
+        direct_io=got.direct_io,
+        block_size=got.block_size,
+        size=got.size,
+    )
 
 
 def _loop_names() -> list[str]:
@@ -110,15 +100,23 @@ def find(path: str | os.PathLike[str], offset: int | None = None) -> list[Device
         raise BackingFileError(
             exc.errno or errno.ENOENT, "cannot use the backing file", backing=os.fspath(path)
         ) from None
+    want = (st.st_dev, st.st_ino)
+    same: dict[str, bool] = {}  # backing path -> same file; one stat per path
     found = []
-    for info in devices():
-        try:
-            other = os.stat(info.backing_file)
-        except OSError:
-            continue  # unlinked (" (deleted)") or unreachable: not this path's inode
-        if (other.st_dev, other.st_ino) != (st.st_dev, st.st_ino):
+    for name in _loop_names():
+        backing = sysfs.backing_file(name)
+        if backing is None:
             continue
-        if offset is None or info.offset == offset:
+        if backing not in same:
+            try:
+                other = os.stat(backing)
+            except OSError:
+                other = None  # unlinked (" (deleted)") or unreachable: not this inode
+            same[backing] = other is not None and (other.st_dev, other.st_ino) == want
+        if not same[backing]:
+            continue
+        info = device_info(name)
+        if info is not None and (offset is None or info.offset == offset):
             found.append(info)
     return found
 

@@ -64,12 +64,19 @@ def backing_file(name: str) -> str | None:
     The kernel appends " (deleted)" when the file was unlinked; that stays.
     """
     try:
-        with open(f"{SYS_BLOCK}/{name}/loop/backing_file", "rb") as f:
-            raw = f.read()
+        fd = os.open(f"{SYS_BLOCK}/{name}/loop/backing_file", os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
         if is_gone(exc):
             return None
         raise
+    try:
+        raw = os.read(fd, 8192)
+    except OSError as exc:
+        if is_gone(exc):
+            return None
+        raise
+    finally:
+        os.close(fd)
     return os.fsdecode(raw.rstrip(b"\n")) or None
 
 
