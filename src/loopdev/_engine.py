@@ -22,8 +22,8 @@ if TYPE_CHECKING:
 DEV = "/dev"
 
 
-def flags(read_only: bool | None, autoclear: bool | None, partscan: bool | None) -> int:
-    """``LO_FLAGS_*`` for the three settable flags."""
+def flags(read_only: int | None, autoclear: int | None, partscan: int | None) -> int:
+    """``LO_FLAGS_*`` for the three settable flags (each true, false or None)."""
     return (
         (_native.LO_FLAGS_READ_ONLY if read_only else 0)
         | (_native.LO_FLAGS_AUTOCLEAR if autoclear else 0)

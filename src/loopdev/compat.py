@@ -18,7 +18,6 @@ from loopdev.errors import UnexpectedDevice
 TYPE_CHECKING = False  # typing is costly to import at run time
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from typing import Any
 
 
 __all__ = ["Loop", "LoopControl", "LoopInfo", "UnexpectedDevice"]
@@ -45,10 +44,10 @@ class Loop:
     fd: int
     minor: int
     devname: str
-    on_close: Callable[[Loop], Any] | None
+    on_close: Callable[[Loop], object] | None
 
     def __init__(self, minor: int, dir_fd: int | None = None) -> None:
-        self.fd = -1
+        self.fd = -1  # first: __del__ looks at it even if __init__ failed
         self.minor = minor
         self.devname = f"loop{minor}"
         self.on_close = None
@@ -69,7 +68,7 @@ class Loop:
         return lo
 
     def __del__(self) -> None:
-        if getattr(self, "fd", -1) >= 0:
+        if self.fd >= 0:
             self.close()
 
     def close(self) -> None:
@@ -237,7 +236,7 @@ class LoopControl:
         return self._control.fd
 
     def __del__(self) -> None:
-        if getattr(self, "_control", None) is not None:
+        if hasattr(self, "_control"):  # __init__ got that far
             self.close()
 
     def close(self) -> None:
@@ -265,8 +264,8 @@ class LoopControl:
         self,
         fd: int,
         lock: bool = False,
-        setup: Callable[[Loop], Any] | None = None,
-        **kwargs: Any,
+        setup: Callable[[Loop], object] | None = None,
+        **kwargs: int | bool | None,
     ) -> Loop:
         """Get a free device, bind it to ``fd`` and configure it with ``**kwargs``.
 
@@ -302,10 +301,10 @@ class LoopControl:
 def _config_from_kwargs(
     offset: int | None = None,
     sizelimit: int | None = None,
-    blocksize: int = 0,
-    autoclear: bool | None = None,
-    partscan: bool | None = None,
-    read_only: bool | None = None,
+    blocksize: int | None = 0,
+    autoclear: int | None = None,
+    partscan: int | None = None,
+    read_only: int | None = None,
 ) -> _native.Config:
     return _native.Config(
         offset=offset or 0,

@@ -74,8 +74,8 @@ def device_info(name: str) -> DeviceInfo | None:
 
 
 def _loop_names() -> list[str]:
-    names = [n for n in os.listdir(sysfs.SYS_BLOCK) if n.startswith("loop") and n[4:].isdigit()]
-    return sorted(names, key=lambda n: int(n[4:]))
+    found = [int(n[4:]) for n in os.listdir(sysfs.SYS_BLOCK) if n[:4] == "loop" and n[4:].isdigit()]
+    return [f"loop{i}" for i in sorted(found)]
 
 
 def devices() -> list[DeviceInfo]:
@@ -127,6 +127,7 @@ class LoopDevice:
     def __init__(
         self, minor: int, fd: int, *, owned: bool, backing_st: os.stat_result | None = None
     ) -> None:
+        self._fd = -1  # first: __del__ looks at it even if __init__ failed
         self.minor = minor
         self.name = f"loop{minor}"
         self.path = _engine.device_path(minor)
@@ -144,7 +145,7 @@ class LoopDevice:
     def __del__(self) -> None:
         # An fd left to the garbage collector would hold the device open and
         # make a later detach() wait for it.
-        if getattr(self, "_fd", -1) >= 0:
+        if self._fd >= 0:
             self.close()
 
     @property
