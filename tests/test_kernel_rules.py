@@ -364,7 +364,8 @@ def _(tmp: Path) -> Expect:
         path,
         512,
         None,
-        error=r"written for 4096-byte sectors: attach with block_size=4096 \(CLI: --sector-size",
+        error=r"written for 4096-byte sectors: attach with block_size=4096 "
+        r"\(compat: blocksize=4096; CLI: --sector-size 4096\)",
     )
 
 

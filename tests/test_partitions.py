@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -196,21 +197,37 @@ def test_private_nodes_and_no_state_after_detach(
     pytest.fail("the minor was taken by another process every time")
 
 
+def losetup_find_free(path: Path) -> str:
+    """``losetup -f --show``, retried: without loopdev's lock it loses races with
+    other allocators on the machine (GET_FREE, then someone else binds that minor)."""
+    for _ in range(50):
+        done = subprocess.run(
+            ["losetup", "-f", "--show", str(path)], capture_output=True, text=True, check=False
+        )
+        if done.returncode == 0:
+            return done.stdout.strip()
+        time.sleep(0.05)
+    pytest.fail(f"losetup -f failed 50 times: {done.stderr}")
+
+
 def test_stale_blkpg_partitions_are_dropped(
     gpt_image: tuple[Path, dict[str, Any]], tmp_path: Path
 ) -> None:
     """Partitions left by another tool (partx -a; losetup -d) never reach the next file."""
     path, table = gpt_image
     for _ in range(10):
-        dev = subprocess.run(
-            ["losetup", "-f", "--show", str(path)], capture_output=True, text=True, check=True
-        ).stdout.strip()
+        dev = losetup_find_free(path)
         minor = int(dev.removeprefix("/dev/loop"))
         try:
             fd = os.open(dev, os.O_RDWR | os.O_CLOEXEC)
-            for number, (start, size) in expected_spans(table).items():
-                _native.blkpg(fd, _native.BLKPG_ADD_PARTITION, number, start, size, device=dev)
-            os.close(fd)
+            try:
+                # The same test in a parallel run may have left its stale
+                # partitions on this minor: start from none.
+                _native.delete_partitions(fd, minor)
+                for number, (start, size) in expected_spans(table).items():
+                    _native.blkpg(fd, _native.BLKPG_ADD_PARTITION, number, start, size, device=dev)
+            finally:
+                os.close(fd)
         finally:
             subprocess.run(["losetup", "-d", dev], check=True)
         again = rebound_partitions(minor, tmp_path)

@@ -535,7 +535,7 @@ def test_gpt_4096_byte_sectors(tmp_path: Path) -> None:
     with pytest.raises(
         PartitionTableError,
         match="written for 4096-byte sectors: attach with block_size=4096 "
-        r"\(CLI: --sector-size 4096\)",
+        r"\(compat: blocksize=4096; CLI: --sector-size 4096\)",
     ):
         read_path(image, 512)
     fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)

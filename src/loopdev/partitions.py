@@ -133,11 +133,13 @@ def blkpg_plan(
     planned: dict[int, tuple[int, int]] = {}  # number -> (start, length)
     notes: list[str] = []
     spans: list[tuple[int, int, int]] = []  # (start, end, number), sorted, disjoint
-    stubs = {
-        p.number
-        for p in table.partitions
-        if table.scheme == "dos" and p.number <= 4 and int(p.type, 16) in _EXTENDED_TYPES
-    }
+    stubs = set()
+    if table.scheme == "dos":
+        stubs = {
+            p.number
+            for p in table.partitions
+            if p.number <= 4 and int(p.type, 16) in _EXTENDED_TYPES
+        }
     for part in table.partitions:
         start, length = part.start, part.size
         if length % block_size:
@@ -153,6 +155,11 @@ def blkpg_plan(
                 f"{part.size}: BLKPG takes whole {block_size}-byte blocks"
             )
         end = start + length
+        if not spans or start >= spans[-1][1]:
+            # After everything planned so far (the usual layout): no overlap.
+            planned[part.number] = (start, length)
+            spans.append((start, end, part.number))
+            continue
         at = max(bisect.bisect_left(spans, (start,)) - 1, 0)
         hits = []
         while at < len(spans) and spans[at][0] < end:
@@ -189,8 +196,8 @@ def blkpg_plan(
             continue
         planned[part.number] = (start, length)
         bisect.insort(spans, (start, end, part.number))
-    plan = [(number, start, length) for number, (start, length) in sorted(planned.items())]
-    return plan, notes
+    # By number: planned was filled in the table's order, which is by number.
+    return [(number, start, length) for number, (start, length) in planned.items()], notes
 
 
 def wait_for_nodes(parts: list[PartitionDevice], timeout: float = 5.0) -> None:

@@ -423,7 +423,7 @@ def _primary_problem(disk: _Disk, ss: int, problem: str) -> str:
         other = written_for[0]
         return (
             f"{message}; the table was written for {other}-byte sectors: attach with "
-            f"block_size={other} (CLI: --sector-size {other})"
+            f"block_size={other} (compat: blocksize={other}; CLI: --sector-size {other})"
         )
     # efi.c find_valid_gpt() reads the backup only to compare it with a good
     # primary; it is used instead of the primary only with the "gpt" boot
