@@ -1,5 +1,7 @@
 """Time loopdev.parttable.read_table on a GPT with all 128 entries in use.
 
+Also times partitions.blkpg_plan() on the result (what attach registers).
+
 Run: ``python bench/bench_parttable.py [--iterations N]``.  The image is a
 sparse file in a temporary directory, made with sfdisk when it is installed
 and by hand otherwise; nothing is attached to a loop device.
@@ -21,9 +23,11 @@ import zlib
 from pathlib import Path
 
 try:
+    from loopdev.partitions import blkpg_plan
     from loopdev.parttable import read_table
 except ImportError:  # running from a checkout without loopdev installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    from loopdev.partitions import blkpg_plan
     from loopdev.parttable import read_table
 
 SIZE = 12 << 20
@@ -33,8 +37,7 @@ LINUX = uuid.UUID("0fc63daf-8483-4772-8e79-3d69d8477de4")
 
 def build_with_sfdisk(sfdisk: str, path: Path) -> None:
     script = "label: gpt\n" + "".join(
-        f'start={2048 + i * 128}, size=128, type=L, name="part{i + 1}"\n'
-        for i in range(ENTRIES)
+        f'start={2048 + i * 128}, size=128, type=L, name="part{i + 1}"\n' for i in range(ENTRIES)
     )
     subprocess.run([sfdisk, "--quiet", str(path)], input=script, text=True, check=True)
 
@@ -56,9 +59,7 @@ def build_by_hand(path: Path) -> None:
         for i in range(ENTRIES)
     )
     pmbr = bytearray(512)
-    struct.pack_into(
-        "<B3sB3sII", pmbr, 446, 0, b"\0\2\0", 0xEE, b"\xff\xff\xff", 1, last_lba
-    )
+    struct.pack_into("<B3sB3sII", pmbr, 446, 0, b"\0\2\0", 0xEE, b"\xff\xff\xff", 1, last_lba)
     pmbr[510:512] = b"\x55\xaa"
     disk_guid = uuid.uuid4().bytes_le
     with open(path, "wb") as f:
@@ -121,6 +122,11 @@ def main() -> None:
                 t0 = clock()
                 read_table(fd, SIZE)
                 samples.append(clock() - t0)
+            plans = []
+            for _ in range(args.iterations):
+                t0 = clock()
+                blkpg_plan(table, 512)
+                plans.append(clock() - t0)
         finally:
             os.close(fd)
 
@@ -134,6 +140,7 @@ def main() -> None:
     print(f"  median {statistics.median(samples) / 1000:8.1f} us")
     print(f"  p90    {p90 / 1000:8.1f} us")
     print(f"  min    {samples[0] / 1000:8.1f} us")
+    print(f"blkpg_plan on that table: median {statistics.median(plans) / 1000:8.1f} us")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,17 @@
 """Partitions of a loop device: the kernel's scan, or ours through BLKPG.
 
 The same result on every kernel: after :func:`ensure_registered` each
-partition of the image is a block device with the table's start and size,
-whether the kernel parsed the table itself or has no parser for it (like
-this project's CI kernel) and loopdev registered it with BLKPG.
+partition of the image is a block device with the start and size the
+kernel's own parser would give it, whether the kernel parsed the table itself
+or has no parser for it (like this project's CI kernel) and loopdev
+registered it with BLKPG.  What the kernel would truncate or skip, loopdev
+truncates or skips too, with a warning on the ``loopdev`` logger.
 """
 
 from __future__ import annotations
 
+import bisect
+import logging
 import os
 import stat
 import time
@@ -15,8 +19,10 @@ from typing import NamedTuple
 
 from loopdev import _native
 from loopdev.errors import LoopError
-from loopdev.parttable import read_table
+from loopdev.parttable import _EXTENDED_TYPES, PartitionTable, read_table
 from loopdev.sysfs import SYS_BLOCK, is_gone
+
+log = logging.getLogger("loopdev")
 
 SECTOR = 512  # sysfs start and size are in 512-byte sectors whatever the block size
 
@@ -76,8 +82,10 @@ def list_partitions(name: str) -> list[PartitionDevice]:
 def ensure_registered(dev_fd: int, minor: int, backing: str | None = None) -> int:
     """Register the image's partitions with BLKPG where the kernel's scan found none.
 
-    Returns how many loopdev registered. A malformed table raises
-    :class:`~loopdev.errors.PartitionTableError` and registers nothing.
+    Returns how many loopdev registered. A table the kernel would refuse
+    raises :class:`~loopdev.errors.PartitionTableError` and registers
+    nothing; partitions the kernel would skip, or that BLKPG cannot add as
+    the kernel would, are left out with a warning (never an error).
     """
     name = f"loop{minor}"
     if list_partitions(name):
@@ -85,25 +93,111 @@ def ensure_registered(dev_fd: int, minor: int, backing: str | None = None) -> in
     device = f"/dev/{name}"
     size = _native.get_u64(dev_fd, _native.BLKGETSIZE64, device=device)
     sector = _native.logical_block_size(dev_fd, device=device)
-    table = read_table(dev_fd, size, sector, path=backing or device)
+    table = read_table(dev_fd, size, sector, path=backing, device=device)
     if table is None:
         return 0
+    where = f"{device} ({backing})" if backing else device
+    plan, notes = blkpg_plan(table, sector)
+    for note in (*table.notes, *notes):
+        log.warning("%s: %s", where, note)
     added = 0
     try:
-        for part in table.partitions:
-            _native.blkpg(
-                dev_fd,
-                _native.BLKPG_ADD_PARTITION,
-                part.number,
-                part.start,
-                part.size,
-                device=device,
-            )
+        for number, start, length in plan:
+            _native.blkpg(dev_fd, _native.BLKPG_ADD_PARTITION, number, start, length, device=device)
             added += 1
     except BaseException:
         _native.delete_partitions(dev_fd, minor)
         raise
     return added
+
+
+def blkpg_plan(
+    table: PartitionTable, block_size: int
+) -> tuple[list[tuple[int, int, int]], list[str]]:
+    """The ``(number, start, length)`` BLKPG adds for ``table``, and notes on what differs.
+
+    The kernel's parser registers partitions with add_partition() directly;
+    BLKPG_ADD_PARTITION (block/ioctl.c blkpg_do_ioctl(), bdev_add_partition())
+    also refuses a partition that overlaps a registered one (EBUSY) and a
+    length that is not whole logical blocks (EINVAL).  So, in the kernel's
+    order (by number):
+
+    - a partition overlapping one already planned is left out, except that
+      an extended partition's stub gives way to a logical partition inside
+      it (one that starts a 512-byte sector after its EBR): the stub is
+      shortened, or left out when the logical starts where it does;
+    - a partition the kernel truncated at a device end that is not a whole
+      number of blocks (file size not a multiple of the block size) is cut
+      to whole blocks.
+    """
+    planned: dict[int, tuple[int, int]] = {}  # number -> (start, length)
+    notes: list[str] = []
+    spans: list[tuple[int, int, int]] = []  # (start, end, number), sorted, disjoint
+    stubs = set()
+    if table.scheme == "dos":
+        stubs = {
+            p.number
+            for p in table.partitions
+            if p.number <= 4 and int(p.type, 16) in _EXTENDED_TYPES
+        }
+    for part in table.partitions:
+        start, length = part.start, part.size
+        if length % block_size:
+            length -= length % block_size
+            if not length:
+                notes.append(
+                    f"partition {part.number} is not registered: truncated at the end of "
+                    f"the device it is less than one {block_size}-byte block"
+                )
+                continue
+            notes.append(
+                f"partition {part.number} is registered with {length} bytes instead of "
+                f"{part.size}: BLKPG takes whole {block_size}-byte blocks"
+            )
+        end = start + length
+        if not spans or start >= spans[-1][1]:
+            # After everything planned so far (the usual layout): no overlap.
+            planned[part.number] = (start, length)
+            spans.append((start, end, part.number))
+            continue
+        at = max(bisect.bisect_left(spans, (start,)) - 1, 0)
+        hits = []
+        while at < len(spans) and spans[at][0] < end:
+            if spans[at][1] > start:
+                hits.append(spans[at])
+            at += 1
+        for hit in hits:
+            hit_start, hit_end, number = hit
+            if number not in stubs:
+                continue
+            # The kernel's stub overlaps a real partition: keep the partition.
+            spans.remove(hit)
+            if hit_start < start:
+                planned[number] = (hit_start, start - hit_start)
+                bisect.insort(spans, (hit_start, start, number))
+                notes.append(
+                    f"extended partition {number} is registered with {start - hit_start} "
+                    f"bytes instead of {hit_end - hit_start}: partition {part.number} starts "
+                    "inside the kernel's stub, and BLKPG refuses overlaps"
+                )
+            else:
+                del planned[number]
+                notes.append(
+                    f"extended partition {number} is not registered: partition "
+                    f"{part.number} overlaps the kernel's stub, and BLKPG refuses overlaps"
+                )
+        hits = [hit for hit in hits if hit[2] not in stubs]
+        if hits:
+            others = ", ".join(str(hit[2]) for hit in hits)
+            notes.append(
+                f"partition {part.number} (bytes {start}..{end - 1}) is not registered: it "
+                f"overlaps partition {others}; the kernel registers both, BLKPG refuses overlaps"
+            )
+            continue
+        planned[part.number] = (start, length)
+        bisect.insort(spans, (start, end, part.number))
+    # By number: planned was filled in the table's order, which is by number.
+    return [(number, start, length) for number, (start, length) in planned.items()], notes
 
 
 def wait_for_nodes(parts: list[PartitionDevice], timeout: float = 5.0) -> None:

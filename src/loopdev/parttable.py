@@ -1,14 +1,17 @@
-"""Read GPT and MBR partition tables from a disk image or block device.
+"""Read GPT and MBR partition tables as the Linux kernel's parsers read them.
 
-Pure user space and read-only: :func:`read_table` says which partitions the
-kernel's scanner would register for a device, or raises
-:class:`~loopdev.errors.PartitionTableError` when the table is malformed, so
-that a bad table is refused before the kernel ever sees it.
+Pure user space and read-only. :func:`read_table` returns the partitions that
+the kernel's own parsers (``block/partitions/efi.c``, ``msdos.c``, driven by
+``core.c``; read in v6.18) would register for a device: same numbers, starts
+and sizes, including what the kernel truncates at the end of the device, and
+without what it skips (``PartitionTable.notes`` says what and why). A table
+the kernel would refuse raises :class:`~loopdev.errors.PartitionTableError`
+saying why. :func:`gpt_sector_size` tells which sector size a GPT was
+written for.
 """
 
 from __future__ import annotations
 
-import itertools
 import os
 import struct
 import zlib
@@ -16,7 +19,7 @@ from codecs import utf_16_le_decode
 
 from loopdev.errors import PartitionTableError
 
-__all__ = ["Partition", "PartitionTable", "read_table"]
+__all__ = ["Partition", "PartitionTable", "gpt_sector_size", "read_table"]
 
 # Plain __slots__ classes instead of frozen dataclasses: importing
 # ``dataclasses`` pulls in ``inspect`` and costs several milliseconds.  Fields
@@ -114,10 +117,10 @@ class Partition:
 
 
 class PartitionTable:
-    """A whole table: scheme, logical sector size, disk id and partitions."""
+    """A whole table: scheme, logical sector size, disk id, partitions and notes."""
 
-    __slots__ = ("_disk_id", "_partitions", "_scheme", "_sector_size")
-    __match_args__ = ("scheme", "sector_size", "disk_id", "partitions")
+    __slots__ = ("_disk_id", "_notes", "_partitions", "_scheme", "_sector_size")
+    __match_args__ = ("scheme", "sector_size", "disk_id", "partitions", "notes")
 
     def __init__(
         self,
@@ -125,11 +128,13 @@ class PartitionTable:
         sector_size: int,
         disk_id: str | None,
         partitions: tuple[Partition, ...],
+        notes: tuple[str, ...] = (),
     ) -> None:
         self._scheme = scheme
         self._sector_size = sector_size
         self._disk_id = disk_id
         self._partitions = partitions
+        self._notes = notes
 
     @property
     def scheme(self) -> str:
@@ -148,11 +153,16 @@ class PartitionTable:
 
     @property
     def partitions(self) -> tuple[Partition, ...]:
-        """The partitions, sorted by number."""
+        """What the kernel would register, sorted by number (they may overlap)."""
         return self._partitions
 
-    def _key(self) -> tuple[str, int, str | None, tuple[Partition, ...]]:
-        return (self._scheme, self._sector_size, self._disk_id, self._partitions)
+    @property
+    def notes(self) -> tuple[str, ...]:
+        """Partitions of the table the kernel truncates or skips, and why."""
+        return self._notes
+
+    def _key(self) -> tuple[str, int, str | None, tuple[Partition, ...], tuple[str, ...]]:
+        return (self._scheme, self._sector_size, self._disk_id, self._partitions, self._notes)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, PartitionTable):
@@ -166,7 +176,7 @@ class PartitionTable:
         return (
             f"PartitionTable(scheme={self._scheme!r}, "
             f"sector_size={self._sector_size!r}, disk_id={self._disk_id!r}, "
-            f"partitions={self._partitions!r})"
+            f"partitions={self._partitions!r}, notes={self._notes!r})"
         )
 
     def __reduce__(self) -> tuple[object, ...]:
@@ -179,16 +189,24 @@ _SECTOR_SIZES = (512, 1024, 2048, 4096)
 # sectors, 8192-24575 with 4096), so a typical GPT costs a single pread.
 _PREFIX = 32768
 
+# block/partitions/core.c allocate_partitions(): a scan has DISK_MAX_PARTS
+# (256) slots and slot 0 is the whole disk, so partition numbers stop at 255
+# (efi.c: ``i < state->limit - 1``; msdos.c: ``state->next == state->limit``).
+# BLKPG refuses higher numbers too (add_partition(): EINVAL for >= 256).
+_MAX_PARTNO = 255
+
 _MBR_MAGIC = b"\x55\xaa"
 _AIX_MAGIC = b"\xc9\xc2\xd4\xc1"  # EBCDIC "IBMA"
 _PMBR_TYPE = 0xEE
 _EXTENDED_TYPES = frozenset((0x05, 0x0F, 0x85))
-_MAX_EBRS = 256  # the kernel's DISK_MAX_PARTS bounds logicals the same way
+# msdos.c parse_extended(): give up after 100 EBRs in a row without a logical.
+_MAX_EMPTY_EBRS = 100
 
 _GPT_SIGNATURE = b"EFI PART"
-_GPT_HEADER_MIN = 92
-_GPT_ENTRY_MIN = 128
-_GPT_MAX_ENTRIES = 16384
+_GPT_HEADER_MIN = 92  # sizeof(gpt_header)
+_GPT_ENTRY_SIZE = 128  # sizeof(gpt_entry), the only entry size efi.c accepts
+# efi.c is_gpt_valid(): the entry array must fit one kmalloc(), KMALLOC_MAX_SIZE
+# bytes: 4 MiB on x86-64 and other 4 KiB-page configurations.
 _GPT_MAX_ARRAY = 4 << 20
 _ZERO_GUID = bytes(16)
 _EMPTY_NAME = bytes(72)
@@ -208,78 +226,101 @@ _GPT_GUID_LE = struct.Struct("<IHH8s")
 _GPT_GUID_BE = struct.Struct(">IHH8s")
 # first LBA, last LBA, (attributes), name
 _GPT_ENTRY_REST = struct.Struct("<32xQQ8x72s")
-# FAT BPB from offset 0x0b: bytes/sector, sectors/cluster, reserved sectors,
-# FATs, root entries, sectors (16 bit), media, FAT length (16 bit), sectors
-# per track, heads, hidden, sectors (32 bit), FAT length (32 bit, FAT32).
-_FAT_BPB = struct.Struct("<HBHBHHBHHHIII")
 
 
 class _Invalid(Exception):
-    """A GPT header or entry array failed validation: try the other copy."""
+    """A GPT header or its entry array fails the kernel's is_gpt_valid()."""
 
 
 def read_table(
-    fd: int, size: int, sector_size: int | None = None, *, path: str | None = None
+    fd: int,
+    size: int,
+    sector_size: int | None = None,
+    *,
+    path: str | None = None,
+    device: str | None = None,
 ) -> PartitionTable | None:
     """Read the partition table of the disk open as ``fd`` (``size`` bytes).
 
     ``sector_size`` is the logical block size; ``None`` probes for a GPT at
-    512 then 4096 and reads an MBR with 512.  Returns ``None`` when there is
-    no partition table, raises :class:`PartitionTableError` (naming ``path``)
-    when the table is malformed; read errors propagate as plain ``OSError``.
-    Only ``os.pread`` is used: the file offset is left alone and ``fd`` stays
-    open.
+    512 then 4096 and reads an MBR with 512.  Returns ``None`` when the kernel
+    would find no partition table; raises :class:`PartitionTableError`
+    (naming ``device`` and ``path``) for a table the kernel would refuse;
+    read errors propagate as plain ``OSError``.  Only ``os.pread`` is used:
+    the file offset is left alone and ``fd`` stays open.
     """
     if sector_size is not None and sector_size not in _SECTOR_SIZES:
         raise ValueError(f"sector_size must be one of {_SECTOR_SIZES}, not {sector_size!r}")
+    # The kernel sees whole 512-byte sectors (get_capacity()); a disk of
+    # capacity 0 is not scanned at all (bdev_disk_changed()).
+    size -= size % 512
     if size < 512:
         return None
-    disk = _Disk(fd, size, path)
+    disk = _Disk(fd, size, path, device)
     mbr = disk.head[:512]
     if len(mbr) < 512:
         return None
-    # AIX disks may lack 0x55AA and are not DOS tables (kernel and libblkid).
-    if mbr[:4] == _AIX_MAGIC:
-        return None
-    if mbr[510:512] != _MBR_MAGIC:
-        found = _gpt_signature_at_lba1(disk, sector_size)
-        if found:
-            # The kernel and libfdisk ignore a GPT without its protective MBR;
-            # saying so beats silently reporting "no table".
-            raise disk.error(
-                f"GPT header at LBA 1 ({found}-byte sectors) but no protective MBR "
-                "(0x55AA signature missing at byte 510)"
-            )
-        return None
     entries = [_MBR_ENTRY.unpack_from(mbr, 446 + 16 * i) for i in range(4)]
-    if any(entry[1] == _PMBR_TYPE for entry in entries):
-        # Protective (or hybrid) MBR: the GPT is authoritative, as in the kernel.
+    signed = mbr[510:512] == _MBR_MAGIC
+    # core.c check_part[]: efi_partition() runs before msdos_partition().
+    # efi.c is_pmbr_valid()/pmbr_part_valid(): a GPT counts only behind an MBR
+    # with 0x55AA and a type 0xee entry starting at LBA 1 (other entries
+    # beside it make it a hybrid MBR, still a GPT disk).  The boot option
+    # "gpt" (force_gpt) would skip this; loopdev follows the default.
+    if signed and any(e[1] == _PMBR_TYPE and e[2] == 1 for e in entries):
         return _read_gpt(disk, sector_size)
-    # 0x55AA alone does not make a partition table: FAT (and other) boot
-    # sectors carry it too.  Like the kernel's msdos.c and libblkid's dos.c:
-    # - every boot indicator must be 0x00 or 0x80, else it is boot code;
-    # - a sector that passes libblkid's FAT boot-sector test is a filesystem;
-    # - with all four slots empty (zero sectors) there is nothing to register,
-    #   and such sectors are typically unformatted or filesystem boot sectors,
-    #   so we report no table (sfdisk would call it an empty "dos" label).
+    if not signed:
+        found = _gpt_sector_sizes(disk.head, sector_size)
+        if found:
+            raise disk.error(
+                f"GPT header at LBA 1 ({found[0]}-byte sectors) but no protective MBR "
+                "(0x55AA signature missing at byte 510): the kernel ignores such a GPT "
+                "(efi.c is_pmbr_valid())"
+            )
+        return None  # msdos.c: no 0x55AA, no DOS table
+    # msdos.c msdos_partition(), in its order.  AIX disks are not DOS tables.
+    if mbr[:4] == _AIX_MAGIC and _is_aix(disk, entries):
+        return None
+    # 0x55AA alone does not make a table (FAT boot sectors carry it too): any
+    # boot indicator other than 0x00/0x80 means boot code, no partitions.
     if any(entry[0] not in (0x00, 0x80) for entry in entries):
         return None
-    if _is_fat_boot_sector(mbr):
-        return None
+    if any(e[1] == _PMBR_TYPE for e in entries):
+        # msdos.c ignores an MBR with a type 0xee entry; efi.c refused it above.
+        raise disk.error(
+            "the MBR has a GPT protective entry (type 0xee) that does not start at LBA 1: "
+            "the kernel reads neither a GPT (efi.c pmbr_part_valid()) nor the MBR "
+            "(msdos.c skips MBRs with type 0xee)"
+        )
     if all(entry[3] == 0 for entry in entries):
-        return None
+        return None  # nothing to register (sfdisk would call it an empty "dos" label)
     return _read_mbr(disk, mbr, entries, sector_size or 512)
+
+
+def gpt_sector_size(fd: int, offset: int, size: int) -> int | None:
+    """The sector size (512 or 4096) a GPT in a file was written for.
+
+    Looks for a valid primary GPT header (signature, size, CRC, ``my_lba``)
+    at LBA 1 for both sizes in the ``size`` bytes of ``fd`` that start at
+    ``offset`` (what a loop device with that offset and size limit would
+    show).  Returns ``None`` when there is none, or a header for both.
+    """
+    if offset < 0 or size < 1024:
+        return None
+    found = _gpt_sector_sizes(_pread(fd, min(size, 8192), offset), None, check=True)
+    return found[0] if len(found) == 1 else None
 
 
 class _Disk:
     """Bounded positional reads, served from one initial read when possible."""
 
-    __slots__ = ("fd", "head", "path", "size")
+    __slots__ = ("device", "fd", "head", "path", "size")
 
-    def __init__(self, fd: int, size: int, path: str | None) -> None:
+    def __init__(self, fd: int, size: int, path: str | None, device: str | None) -> None:
         self.fd = fd
         self.size = size
         self.path = path
+        self.device = device
         self.head = _pread(fd, min(size, _PREFIX), 0)
 
     def read(self, offset: int, length: int) -> bytes:
@@ -293,7 +334,7 @@ class _Disk:
         return _pread(self.fd, length, offset)
 
     def error(self, message: str) -> PartitionTableError:
-        return PartitionTableError(message, backing=self.path)
+        return PartitionTableError(message, device=self.device, backing=self.path)
 
 
 def _pread(fd: int, length: int, offset: int) -> bytes:
@@ -312,224 +353,214 @@ def _pread(fd: int, length: int, offset: int) -> bytes:
     return b"".join(parts)
 
 
-def _is_fat_boot_sector(sector: bytes) -> bool:
-    """libblkid's ``blkid_probe_is_vfat()``: FAT magic (or x86 jump) plus a sane BPB."""
-    magic = (
-        sector[0x52:0x57] == b"MSWIN"
-        or sector[0x52:0x5A] == b"FAT32   "
-        or sector[0x36:0x3B] == b"MSDOS"
-        or sector[0x36:0x3E] in (b"FAT16   ", b"FAT12   ", b"FAT     ")
-    )
-    if not magic:
-        # Old floppies: no magic string, only a jump instruction.  JFS and
-        # HPFS put a FAT-like pseudo-BPB there, so rule them out.
-        if sector[0] not in (0xEB, 0xE9):
-            return False
-        if sector[0x36:0x3E] in (b"JFS     ", b"HPFS    "):
-            return False
-    (
-        bytes_per_sector,
-        cluster_size,
-        reserved,
-        fats,
-        dir_entries,
-        sectors16,
-        media,
-        fat_length16,
-        _track,
-        _heads,
-        _hidden,
-        sectors32,
-        fat_length32,
-    ) = _FAT_BPB.unpack_from(sector, 0x0B)
-    if not fats or not reserved or not (media >= 0xF8 or media == 0xF0):
+def _is_aix(disk: _Disk, entries: list[_MbrEntry]) -> bool:
+    """msdos.c aix_magic_present(): IBMA, no Linux (0x83) or 0x82 entry, "_LVM" at sector 7.
+
+    An AIX disk is not a DOS table; the kernel reads it only with
+    CONFIG_AIX_PARTITION (aix.c), which loopdev does not: nothing registered.
+    """
+    if any(entry[1] in (0x82, 0x83) for entry in entries):
         return False
-    if not cluster_size or cluster_size & (cluster_size - 1):
-        return False
-    if bytes_per_sector not in _SECTOR_SIZES:
-        return False
-    sector_count = sectors16 or sectors32
-    fat_size = (fat_length16 or fat_length32) * fats
-    dir_size = (dir_entries * 32 + bytes_per_sector - 1) // bytes_per_sector
-    data_sectors = sector_count - (reserved + fat_size + dir_size)
-    if data_sectors < 0:  # wraps around in libblkid's uint32 arithmetic
-        return False
-    clusters = data_sectors // cluster_size
-    if not fat_length16 and fat_length32:
-        max_clusters = 0x0FFFFFF6
-    else:
-        max_clusters = 0xFFF4 if clusters > 0xFF4 else 0xFF4
-    return bool(clusters <= max_clusters)
+    return disk.read(7 * 512, 4) == b"_LVM"
 
 
 # --- GPT -------------------------------------------------------------------
 
 
-def _gpt_signature_at_lba1(disk: _Disk, sector_size: int | None) -> int:
-    """Sector size whose LBA 1 holds a GPT signature, or 0."""
-    for candidate in (sector_size,) if sector_size else (512, 4096):
-        if disk.read(candidate, 8) == _GPT_SIGNATURE:
-            return candidate
-    return 0
+def _gpt_sector_sizes(head: bytes, sector_size: int | None, check: bool = False) -> list[int]:
+    """Sector sizes whose LBA 1 in ``head`` holds a GPT signature (a valid header if ``check``)."""
+    found = []
+    for ss in (sector_size,) if sector_size else (512, 4096):
+        if head[ss : ss + 8] != _GPT_SIGNATURE:
+            continue
+        if check:
+            raw = head[ss : 2 * ss]
+            if len(raw) < ss:  # the kernel reads the whole block
+                continue
+            try:
+                _check_header(raw, ss, 1)
+            except _Invalid:
+                continue
+        found.append(ss)
+    return found
 
 
 def _read_gpt(disk: _Disk, sector_size: int | None) -> PartitionTable:
-    ss = sector_size or _probe_gpt_sector_size(disk)
+    if sector_size:
+        ss = sector_size
+    else:
+        found = _gpt_sector_sizes(disk.head, None)
+        if not found:
+            message = (
+                "protective MBR (type 0xee) but no GPT header at LBA 1 "
+                "for 512- or 4096-byte sectors"
+            )
+            for ss in (512, 4096):  # say so if a backup header shows the size
+                if _backup_is_intact(disk, ss):
+                    message = _primary_problem(disk, ss, "no 'EFI PART' signature")
+                    break
+            raise disk.error(message)
+        ss = found[0]
+    # efi.c last_lba(): the disk's bytes over the logical block size.
     last_lba = disk.size // ss - 1
-    if last_lba < 2:
-        raise disk.error(
-            f"device of {disk.size} bytes is too small for a GPT with {ss}-byte sectors"
-        )
-
-    problems: list[str] = []
-    backups = [last_lba]
     try:
         header = _gpt_header(disk, ss, 1, last_lba)
-        # A header that checks out but whose array does not still knows where
-        # its backup lives (it may not be at the end of a grown image).
-        alternate = header[6]
-        if 2 <= alternate <= last_lba and alternate != last_lba:
-            backups.insert(0, alternate)
-        array = _gpt_array(disk, ss, header)
+        array = _gpt_array(disk, ss, header, last_lba)
     except _Invalid as exc:
-        problems.append(f"primary header at LBA 1: {exc}")
-    else:
-        return _gpt_table(disk, ss, header, array)
-
-    for lba in backups:
-        try:
-            header = _gpt_header(disk, ss, lba, last_lba)
-            array = _gpt_array(disk, ss, header)
-        except _Invalid as exc:
-            problems.append(f"backup header at LBA {lba}: {exc}")
-        else:
-            return _gpt_table(disk, ss, header, array)
-    raise disk.error("both GPT headers are bad: " + "; ".join(problems))
+        raise disk.error(_primary_problem(disk, ss, str(exc))) from None
+    return _gpt_table(disk, ss, header, array, last_lba)
 
 
-def _probe_gpt_sector_size(disk: _Disk) -> int:
-    for ss in (512, 4096):
-        if disk.read(ss, 8) == _GPT_SIGNATURE:
-            return ss
-    # Primary header gone: look for a backup at the end of the device.
-    for ss in (512, 4096):
-        last = disk.size // ss - 1
-        if last >= 2 and disk.read(last * ss, 8) == _GPT_SIGNATURE:
-            return ss
-    raise disk.error(
-        "protective MBR (type 0xee) but no GPT header at LBA 1 or at the last LBA "
-        "for 512- or 4096-byte sectors"
-    )
+def _primary_problem(disk: _Disk, ss: int, problem: str) -> str:
+    """Why the kernel ignores this GPT, and what would fix it."""
+    message = f"the primary GPT header at LBA 1 ({ss}-byte sectors) is not valid: {problem}"
+    written_for = [
+        other
+        for other in _SECTOR_SIZES
+        if other != ss and _gpt_sector_sizes(disk.head, other, check=True)
+    ]
+    if written_for:
+        other = written_for[0]
+        return (
+            f"{message}; the table was written for {other}-byte sectors: attach with "
+            f"block_size={other} (compat: blocksize={other}; CLI: --sector-size {other})"
+        )
+    # efi.c find_valid_gpt() reads the backup only to compare it with a good
+    # primary; it is used instead of the primary only with the "gpt" boot
+    # option (force_gpt).  So a valid backup does not save the table.
+    if _backup_is_intact(disk, ss):
+        return (
+            f"{message}; the backup header at LBA {disk.size // ss - 1} is intact, but the "
+            "kernel uses it only when booted with 'gpt' (efi.c find_valid_gpt()): repair "
+            "the primary from it, e.g. by writing the table again with fdisk"
+        )
+    return message
+
+
+def _backup_is_intact(disk: _Disk, ss: int) -> bool:
+    """Whether the last LBA holds a valid GPT header and entry array."""
+    last_lba = disk.size // ss - 1
+    if last_lba < 2:
+        return False
+    try:
+        _gpt_array(disk, ss, _gpt_header(disk, ss, last_lba, last_lba), last_lba)
+    except _Invalid:
+        return False
+    return True
 
 
 _Header = tuple[bytes, int, int, int, int, int, int, int, int, bytes, int, int, int, int]
 
 
 def _gpt_header(disk: _Disk, ss: int, lba: int, last_lba: int) -> _Header:
-    """Read and validate the header at ``lba``; raise _Invalid if unusable."""
+    """Read the header at ``lba`` and validate it as efi.c is_gpt_valid() does."""
+    # efi.c alloc_read_gpt_header()/read_lba(): one whole logical block, on the disk.
+    if lba > last_lba:
+        raise _Invalid(f"the device ({disk.size} bytes) has no LBA {lba}")
     raw = disk.read(lba * ss, ss)
-    if len(raw) < _GPT_HEADER_MIN:
+    if len(raw) < ss:
         raise _Invalid("cannot read the header sector")
+    header = _check_header(raw, ss, lba)
+    first_usable, last_usable = header[7], header[8]
+    # is_gpt_valid(): only these bounds; the kernel does not check that the
+    # usable LBAs stay clear of the headers or the entry arrays.
+    if first_usable > last_lba:
+        raise _Invalid(f"first usable LBA {first_usable} is past the last LBA {last_lba}")
+    if last_usable > last_lba:
+        raise _Invalid(
+            f"last usable LBA {last_usable} is past the last LBA {last_lba} "
+            "(was the image made smaller after partitioning?)"
+        )
+    if last_usable < first_usable:
+        raise _Invalid(
+            f"last usable LBA {last_usable} is before the first usable LBA {first_usable}"
+        )
+    count, entry_size = header[11], header[12]
+    if entry_size != _GPT_ENTRY_SIZE:
+        raise _Invalid(f"entry size is {entry_size}; the kernel accepts only {_GPT_ENTRY_SIZE}")
+    if count * entry_size > _GPT_MAX_ARRAY:
+        raise _Invalid(
+            f"{count} entries of {entry_size} bytes exceed the kernel's "
+            f"{_GPT_MAX_ARRAY >> 20} MiB entry array limit"
+        )
+    if not count:
+        # efi.c alloc_read_gpt_entries() returns NULL for an empty array.
+        raise _Invalid("it has 0 partition entries")
+    return header
+
+
+def _check_header(raw: bytes, ss: int, lba: int) -> _Header:
+    """efi.c is_gpt_valid() up to my_lba: signature, header size, CRC, position."""
     header: _Header = _GPT_HEADER.unpack_from(raw)
-    (
-        signature,
-        _revision,
-        header_size,
-        header_crc,
-        _reserved,
-        my_lba,
-        _alternate,
-        first_usable,
-        last_usable,
-        _guid,
-        entries_lba,
-        count,
-        entry_size,
-        _entries_crc,
-    ) = header
+    signature, header_size, header_crc, my_lba = header[0], header[2], header[3], header[5]
     if signature != _GPT_SIGNATURE:
         raise _Invalid("no 'EFI PART' signature")
-    if not _GPT_HEADER_MIN <= header_size <= ss:
-        raise _Invalid(f"header size {header_size} is outside {_GPT_HEADER_MIN}..{ss}")
+    if header_size > ss:
+        raise _Invalid(f"header size {header_size} is larger than the {ss}-byte sector")
+    if header_size < _GPT_HEADER_MIN:
+        raise _Invalid(f"header size {header_size} is smaller than {_GPT_HEADER_MIN}")
     # The CRC covers header_size bytes with its own field taken as zero.
     crc = zlib.crc32(raw[:16] + _ZERO_CRC + raw[20:header_size])
     if crc != header_crc:
         raise _Invalid(f"header CRC32 is 0x{header_crc:08x}, computed 0x{crc:08x}")
     if my_lba != lba:
         raise _Invalid(f"header claims to be at LBA {my_lba}")
-    if not 2 <= first_usable <= last_usable <= last_lba:
-        raise _Invalid(
-            f"usable LBAs {first_usable}..{last_usable} do not fit in LBAs 2..{last_lba}"
-        )
-    if first_usable <= lba <= last_usable:
-        raise _Invalid(
-            f"header LBA {lba} lies inside the usable LBAs {first_usable}..{last_usable}"
-        )
-    if entry_size < _GPT_ENTRY_MIN or entry_size % 8:
-        raise _Invalid(f"entry size {entry_size} is not a multiple of 8 of at least 128")
-    if count > _GPT_MAX_ENTRIES or count * entry_size > _GPT_MAX_ARRAY:
-        raise _Invalid(f"{count} entries of {entry_size} bytes is an absurd entry array")
-    if count:
-        end_lba = entries_lba + (count * entry_size + ss - 1) // ss  # exclusive
-        if entries_lba < 2 or end_lba - 1 > last_lba:
-            raise _Invalid(f"entry array at LBAs {entries_lba}..{end_lba - 1} is off the device")
-        if entries_lba <= lba < end_lba:
-            raise _Invalid(f"entry array at LBAs {entries_lba}..{end_lba - 1} covers the header")
-        if entries_lba <= last_usable and first_usable < end_lba:
-            raise _Invalid(
-                f"entry array at LBAs {entries_lba}..{end_lba - 1} overlaps the usable "
-                f"LBAs {first_usable}..{last_usable}"
-            )
     return header
 
 
-def _gpt_array(disk: _Disk, ss: int, header: _Header) -> bytes:
-    """Read the entry array of a valid header and check its CRC."""
+def _gpt_array(disk: _Disk, ss: int, header: _Header, last_lba: int) -> bytes:
+    """Read the entry array of a valid header and check its CRC (is_gpt_valid())."""
     entries_lba, count, entry_size, entries_crc = header[10:14]
     length = count * entry_size
+    # efi.c read_lba(): nothing past last_lba, and a short read fails.
+    if entries_lba > last_lba:
+        raise _Invalid(f"entry array LBA {entries_lba} is past the last LBA {last_lba}")
     raw = disk.read(entries_lba * ss, length)
     if len(raw) != length:
-        raise _Invalid("entry array is truncated")
+        raise _Invalid(
+            f"entry array at LBA {entries_lba} ({length} bytes) runs past the end of the device"
+        )
     crc = zlib.crc32(raw)
     if crc != entries_crc:
         raise _Invalid(f"entry array CRC32 is 0x{entries_crc:08x}, computed 0x{crc:08x}")
     return raw
 
 
-def _gpt_table(disk: _Disk, ss: int, header: _Header, array: bytes) -> PartitionTable:
-    first_usable, last_usable = header[7], header[8]
-    count, entry_size = header[11], header[12]
-    size = disk.size
+def _gpt_table(
+    disk: _Disk, ss: int, header: _Header, array: bytes, last_lba: int
+) -> PartitionTable:
+    count = header[11]
     unpack = _GPT_ENTRY_REST.unpack_from
     guid_le = _GPT_GUID_LE.unpack_from
     guid_be = _GPT_GUID_BE.pack
     types: dict[bytes, str] = {}  # type GUIDs repeat: format each once
     parts: list[Partition] = []
-    for index in range(count):
-        offset = index * entry_size
+    notes: list[str] = []
+    # efi.c efi_partition(): entries up to the partition number limit, each
+    # checked by is_pte_valid() alone: no check against the usable LBAs and
+    # none for overlaps.
+    for index in range(min(count, _MAX_PARTNO)):
+        offset = index * _GPT_ENTRY_SIZE
         raw_type = array[offset : offset + 16]
         if raw_type == _ZERO_GUID:
             continue  # unused entry
         number = index + 1
         first, last, name = unpack(array, offset)
+        if first > last_lba or last > last_lba:
+            notes.append(
+                f"GPT partition {number} (LBAs {first}..{last}) is not registered: it "
+                f"ends past the last LBA {last_lba} of the device (efi.c is_pte_valid())"
+            )
+            continue
         if last < first:
-            raise disk.error(
-                f"GPT partition {number} ends at LBA {last}, before its first LBA {first}"
+            # efi.c computes the size as last - first + 1 in u64: zero (then
+            # skipped by core.c blk_add_partition()) or a wrapped, absurd size
+            # that BLKPG cannot express.  Either way nothing usable.
+            notes.append(
+                f"GPT partition {number} is not registered: it ends at LBA {last}, "
+                f"before its first LBA {first}"
             )
-        if (last + 1) * ss > size:
-            raise disk.error(
-                f"GPT partition {number} ends at byte {(last + 1) * ss}, past the end "
-                f"of the device ({size} bytes)"
-            )
-        if first < first_usable:
-            raise disk.error(
-                f"GPT partition {number} starts at LBA {first}, "
-                f"before the first usable LBA {first_usable}"
-            )
-        if last > last_usable:
-            raise disk.error(
-                f"GPT partition {number} ends at LBA {last}, past the last usable LBA {last_usable}"
-            )
+            continue
         ptype = types.get(raw_type)
         if ptype is None:
             ptype = types[raw_type] = _format_guid(raw_type)
@@ -551,8 +582,19 @@ def _gpt_table(disk: _Disk, ss: int, header: _Header, array: bytes) -> Partition
                 label,
             )
         )
-    _check_overlaps(disk, [(p.start, p.start + p.size, p.number) for p in parts])
-    return PartitionTable("gpt", ss, _format_guid(header[9]), tuple(parts))
+    if count > _MAX_PARTNO:
+        beyond = [
+            index + 1
+            for index in range(_MAX_PARTNO, count)
+            if array[index * _GPT_ENTRY_SIZE : index * _GPT_ENTRY_SIZE + 16] != _ZERO_GUID
+        ]
+        if beyond:
+            notes.append(
+                f"{len(beyond)} GPT partitions numbered above {_MAX_PARTNO} "
+                f"({_numbers(beyond)}) are not registered: the kernel registers partition "
+                f"numbers up to {_MAX_PARTNO} (DISK_MAX_PARTS)"
+            )
+    return PartitionTable("gpt", ss, _format_guid(header[9]), tuple(parts), tuple(notes))
 
 
 def _format_guid(raw: bytes) -> str:
@@ -560,144 +602,160 @@ def _format_guid(raw: bytes) -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
+def _numbers(numbers: list[int]) -> str:
+    if len(numbers) > 4:
+        return f"{numbers[0]}, {numbers[1]}, ..., {numbers[-1]}"
+    return ", ".join(map(str, numbers))
+
+
 # --- MBR -------------------------------------------------------------------
 
 _MbrEntry = tuple[int, int, int, int]  # boot flag, type, first LBA, sectors
+# number -> (first 512-byte sector, 512-byte sectors, type byte, bootable)
+_Found = dict[int, tuple[int, int, int, bool]]
 
 
 def _read_mbr(disk: _Disk, mbr: bytes, entries: list[_MbrEntry], ss: int) -> PartitionTable:
-    size = disk.size
-    primaries: list[tuple[Partition, bool]] = []  # (partition, is extended)
+    """msdos.c msdos_partition(), then core.c blk_add_partition() for each slot.
+
+    Like the kernel, positions are counted in 512-byte sectors (sector_t) and
+    table LBAs are scaled by the logical block size.  The kernel checks no
+    overlaps and no bounds here beyond what is written below.
+    """
+    ssz = ss // 512
+    found: _Found = {}
+    notes: list[str] = []
+    number = 5  # msdos.c: state->next = 5, shared by every extended partition
     for slot, (boot, ptype, lba, count) in enumerate(entries, 1):
         if not count:
-            continue  # empty slot; like the kernel, its number is not reused
-        if not lba:
-            raise disk.error(f"MBR partition {slot} starts at sector 0, on top of the MBR")
-        start, length = lba * ss, count * ss
-        if start + length > size:
-            raise disk.error(
-                f"MBR partition {slot} ends at byte {start + length}, past the end "
-                f"of the device ({size} bytes)"
-            )
-        part = Partition(slot, start, length, f"0x{ptype:02x}", None, None, boot == 0x80)
-        primaries.append((part, ptype in _EXTENDED_TYPES))
-    # Extended partitions take part with their full extent here.
-    _check_overlaps(disk, [(p.start, p.start + p.size, p.number) for p, _ in primaries])
-
-    result: list[Partition] = []
-    number = 5
-    for part, extended in primaries:
-        if not extended:
-            result.append(part)
+            continue  # empty slot; its number is not reused
+        start, length = lba * ssz, count * ssz
+        if ptype in _EXTENDED_TYPES:
+            # msdos.c: register the extended partition as a stub of one
+            # logical sector but at least 2 sectors (1 KiB, "room for LILO"),
+            # so that nobody mkfs'es the whole container; sfdisk --json shows
+            # the full extent instead.
+            found[slot] = (start, min(length, max(ssz, 2)), ptype, boot == 0x80)
+            number = _parse_extended(disk, found, notes, slot, start, length, ssz, number)
             continue
-        logicals = _read_logicals(disk, part, ss, number)
-        number += len(logicals)
-        result.extend(logicals)
-        # Like the kernel's msdos.c, register the extended partition as a
-        # stub of one sector but at least 1 KiB ("room for LILO"), so that
-        # nobody mkfs'es the whole container.  sfdisk --json reports the full
-        # extent instead.  Unlike the kernel, the stub is clipped to end where
-        # the first logical starts (possible when a logical begins one 512-byte
-        # sector after its EBR): overlapping partitions cannot be added with
-        # BLKPG, and callers may rely on the list being overlap-free.
-        stub = min(part.size, max(ss, 1024))
-        if logicals:
-            stub = min(stub, min(p.start for p in logicals) - part.start)
-        result.append(
-            Partition(part.number, part.start, stub, part.type, None, None, part.bootable)
+        found[slot] = (start, length, ptype, boot == 0x80)
+    capacity = disk.size // 512
+    parts: list[Partition] = []
+    for number in sorted(found):
+        start, length, ptype, bootable = found[number]
+        # core.c blk_add_partition(): a partition starting past the end is
+        # skipped, one running past the end is truncated ("camera firmware"),
+        # both with a warning in the kernel log.
+        if start >= capacity:
+            notes.append(
+                f"MBR partition {number} is not registered: it starts at byte "
+                f"{start * 512}, past the end of the device ({disk.size} bytes)"
+            )
+            continue
+        if start + length > capacity:
+            notes.append(
+                f"MBR partition {number} (bytes {start * 512}..{(start + length) * 512 - 1}) "
+                f"runs past the end of the device ({disk.size} bytes): truncated to "
+                f"{(capacity - start) * 512} bytes, as the kernel does"
+            )
+            length = capacity - start
+        parts.append(
+            Partition(number, start * 512, length * 512, f"0x{ptype:02x}", None, None, bootable)
         )
-    result.sort(key=_number)
-    return PartitionTable("dos", ss, f"0x{_U32.unpack_from(mbr, 440)[0]:08x}", tuple(result))
+    disk_id = f"0x{_U32.unpack_from(mbr, 440)[0]:08x}"
+    return PartitionTable("dos", ss, disk_id, tuple(parts), tuple(notes))
 
 
-def _number(part: Partition) -> int:
-    return part.number
+def _parse_extended(
+    disk: _Disk,
+    found: _Found,
+    notes: list[str],
+    extended: int,
+    first: int,
+    first_size: int,
+    ssz: int,
+    number: int,
+) -> int:
+    """msdos.c parse_extended(): follow the EBR chain; returns the next logical number.
 
-
-def _read_logicals(disk: _Disk, extended: Partition, ss: int, number: int) -> list[Partition]:
-    """Follow the EBR chain of ``extended``; logicals are numbered from ``number``.
-
-    Each EBR holds the logical partition (relative to the EBR) and a link to
-    the next EBR (relative to the extended partition), as in the kernel's
-    parse_extended(): data partitions in any slot (slots 3 and 4 only when
-    they fit, as they sometimes hold garbage), then the first link found.
+    Each EBR holds logical partitions (relative to the EBR) and a link to the
+    next EBR (relative to the extended partition).  The kernel bounds the
+    chain by 100 EBRs in a row without a logical and by the partition number
+    limit, nothing else: a link may leave the extended partition, a chain may
+    loop (re-registering the same logicals), a logical may lie anywhere.
     """
-    ext_start = extended.start
-    ext_end = ext_start + extended.size
-    ebr = ext_start
-    link_size = extended.size
-    seen: set[int] = set()
-    logicals: list[Partition] = []
-    spans: list[tuple[int, int, int]] = []
+    capacity = disk.size // 512
+    this_sector, this_size = first, first_size
+    empty_links = 0
+    visited: set[int] = set()
+    looped = False
     while True:
-        if ebr in seen:
-            raise disk.error(
-                f"EBR chain of extended partition {extended.number} loops back to byte {ebr}"
+        empty_links += 1
+        if empty_links > _MAX_EMPTY_EBRS:
+            notes.append(
+                f"the EBR chain of extended partition {extended} is not followed past "
+                f"byte {this_sector * 512}: {_MAX_EMPTY_EBRS} EBRs in a row without a "
+                "logical partition"
             )
-        if len(seen) >= _MAX_EBRS:
-            raise disk.error(f"extended partition {extended.number} has more than {_MAX_EBRS} EBRs")
-        seen.add(ebr)
-        sector = disk.read(ebr, 512)
+            return number
+        if number > _MAX_PARTNO:
+            notes.append(
+                f"the EBR chain of extended partition {extended} is not followed past "
+                f"byte {this_sector * 512}: partition numbers stop at {_MAX_PARTNO}"
+            )
+            return number
+        if this_sector >= capacity:
+            # read_part_sector() fails: "partition table partially beyond EOD".
+            notes.append(
+                f"the EBR at byte {this_sector * 512} (extended partition {extended}) lies "
+                f"past the end of the device ({disk.size} bytes): the chain ends there"
+            )
+            return number
+        sector = disk.read(this_sector * 512, 512)
         if sector[510:512] != _MBR_MAGIC:
-            if ebr == ext_start and not any(sector):
-                break  # never-written container: no logical partitions
-            raise disk.error(
-                f"EBR at byte {ebr} in extended partition {extended.number} has no 0x55AA signature"
-            )
-        # An EBR sector is part of the table: no logical may cover it.
-        spans.append((ebr, ebr + ss, -1))
-        entries = [_MBR_ENTRY.unpack_from(sector, 446 + 16 * i) for i in range(4)]
-        link: _MbrEntry | None = None
-        for slot, entry in enumerate(entries):
-            boot, ptype, lba, count = entry
-            if not count:
-                continue
-            if ptype in _EXTENDED_TYPES:
-                if link is None:
-                    link = entry
-                continue
-            start, length = ebr + lba * ss, count * ss
-            if slot >= 2 and (lba * ss + length > link_size or start + length > ext_end):
-                continue  # kernel: slots 3 and 4 "sometimes contain random garbage"
-            if not lba:
-                raise disk.error(f"logical partition {number} starts on its own EBR at byte {ebr}")
-            if start + length > ext_end:
-                raise disk.error(
-                    f"logical partition {number} (bytes {start}..{start + length - 1}) "
-                    f"ends past extended partition {extended.number} "
-                    f"(bytes {ext_start}..{ext_end - 1})"
+            if any(sector):  # an unwritten first EBR is the usual empty container
+                notes.append(
+                    f"the EBR at byte {this_sector * 512} (extended partition {extended}) "
+                    "has no 0x55AA signature: the chain ends there"
                 )
-            logicals.append(
-                Partition(number, start, length, f"0x{ptype:02x}", None, None, boot == 0x80)
+            return number
+        if this_sector not in visited:
+            visited.add(this_sector)
+        elif not looped:
+            looped = True
+            notes.append(
+                f"the EBR chain of extended partition {extended} loops back to byte "
+                f"{this_sector * 512}; the kernel registers its logical partitions again"
             )
-            spans.append((start, start + length, number))
+        entries = [_MBR_ENTRY.unpack_from(sector, 446 + 16 * i) for i in range(4)]
+        for slot, (boot, ptype, lba, count) in enumerate(entries):
+            if not count or ptype in _EXTENDED_TYPES:
+                continue
+            offset, length = lba * ssz, count * ssz
+            start = this_sector + offset
+            # Slots 3 and 4 "sometimes contain random garbage": only when they
+            # fit the link that led here and the extended partition.
+            if slot >= 2 and (
+                offset + length > this_size or start < first or start + length > first + first_size
+            ):
+                continue
+            found[number] = (start, length, ptype, boot == 0x80)
+            empty_links = 0
             number += 1
+            if number > _MAX_PARTNO:
+                rest = entries[slot + 1 :]
+                if any(e[3] for e in rest) or any(
+                    e[3] and e[1] in _EXTENDED_TYPES for e in entries
+                ):
+                    notes.append(
+                        f"logical partitions after number {_MAX_PARTNO} in extended "
+                        f"partition {extended} are not registered: partition numbers stop "
+                        f"at {_MAX_PARTNO}"
+                    )
+                return number
+        # Then the first link to a further EBR, if any.
+        link = next((e for e in entries if e[3] and e[1] in _EXTENDED_TYPES), None)
         if link is None:
-            break
-        ebr = ext_start + link[2] * ss
-        link_size = link[3] * ss
-        if not ext_start <= ebr < ext_end:
-            raise disk.error(
-                f"EBR link to byte {ebr} leaves extended partition {extended.number} "
-                f"(bytes {ext_start}..{ext_end - 1})"
-            )
-    _check_overlaps(disk, spans)
-    return logicals
-
-
-# --- shared ------------------------------------------------------------------
-
-
-def _check_overlaps(disk: _Disk, spans: list[tuple[int, int, int]]) -> None:
-    """Raise if any two [start, end) spans overlap; -1 names an EBR sector."""
-    spans.sort()
-    for (start_a, end_a, a), (start_b, end_b, b) in itertools.pairwise(spans):
-        if start_b < end_a:
-            raise disk.error(
-                f"{_span_name(a, start_a)} (bytes {start_a}..{end_a - 1}) overlaps "
-                f"{_span_name(b, start_b)} (bytes {start_b}..{end_b - 1})"
-            )
-
-
-def _span_name(number: int, start: int) -> str:
-    return f"the EBR at byte {start}" if number < 0 else f"partition {number}"
+            return number
+        this_sector = first + link[2] * ssz
+        this_size = link[3] * ssz
