@@ -216,3 +216,37 @@ def test_o_path_fd_is_refused_before_any_device(tmp_path: Path, devices: None) -
             loopdev.attach(fd)
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("api", ["attach", "compat"])
+def test_4k_gpt_gets_its_sector_size(tmp_path: Path, devices: None, api: str) -> None:
+    """partscan without a block size: the device gets the sector size the GPT was written
+    for (systemd does the same); the partitions are the table's."""
+    if shutil.which("sfdisk") is None:
+        pytest.skip("sfdisk not installed")
+    image = _image(tmp_path / "4k.img", 16 * MiB)
+    script = "label: gpt\nstart=256, size=1024\nstart=1280, size=1024\n"
+    # This sfdisk has no --sector-size: it writes through a 4096-byte device.
+    with loopdev.attach(image, block_size=4096) as writer:
+        subprocess.run(["sfdisk", "-q", writer.path], input=script, text=True, check=True)
+    if api == "attach":
+        with loopdev.attach(image, partscan=True) as dev:
+            assert dev.info().block_size == 4096
+            got = [(p.number, p.start, p.size) for p in dev.partitions]
+    else:
+        fd = os.open(image, os.O_RDWR | os.O_CLOEXEC)
+        ctl = loopdev.LoopControl()
+        lo = ctl.loop_for_fd(fd, autoclear=True, partscan=True)
+        try:
+            assert _native.logical_block_size(lo.fd) == 4096
+            got = [(p.number, p.start, p.size) for p in loopdev.open(lo.minor).partitions]
+        finally:
+            lo.clear_fd()
+            lo.close()
+            ctl.close()
+            os.close(fd)
+    assert got == [(1, 256 * 4096, 1024 * 4096), (2, 1280 * 4096, 1024 * 4096)]
+    # An explicit block size wins; where the table does not fit it, the error says why.
+    with pytest.raises(loopdev.PartitionTableError, match="block_size=4096"):
+        loopdev.attach(image, partscan=True, block_size=512)
+    assert bound_under(str(tmp_path)) == []

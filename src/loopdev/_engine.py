@@ -13,7 +13,7 @@ import logging
 import os
 import stat
 
-from loopdev import _native, errors, nodes, partitions, sysfs
+from loopdev import _native, errors, nodes, partitions, parttable, sysfs
 
 TYPE_CHECKING = False  # typing is costly to import at run time
 if TYPE_CHECKING:
@@ -139,6 +139,7 @@ def attach(
     ``on_discard`` closes one that is given up (also after a failure here).
     A failure leaves nothing bound and no partition registered.
     """
+    _block_size_for_table(backing_fd, config)
     got = _native.attach(
         control.fd,
         control.dev_dir,
@@ -165,6 +166,7 @@ def attach(
 
 def configure(dev_fd: int, index: int, backing_fd: int, config: _native.Config) -> None:
     """Bind an open device (stale partitions go first) and register its partitions."""
+    _block_size_for_table(backing_fd, config)
     _native.bind(dev_fd, index, backing_fd, config, device=device_path(index))
     try:
         register_partitions(dev_fd, index, config)
@@ -172,6 +174,28 @@ def configure(dev_fd: int, index: int, backing_fd: int, config: _native.Config) 
     except BaseException:
         abort(dev_fd, index)
         raise
+
+
+def _block_size_for_table(backing_fd: int, config: _native.Config) -> None:
+    """With partscan and no block size given, the sector size the image's GPT was
+    written for (512 or 4096), as systemd does; an explicit block size always wins."""
+    if config.block_size or not config.flags & _native.LO_FLAGS_PARTSCAN:
+        return
+    try:
+        st = os.fstat(backing_fd)
+        whole = (
+            _native.get_u64(backing_fd, _native.BLKGETSIZE64)
+            if stat.S_ISBLK(st.st_mode)
+            else st.st_size
+        )
+    except OSError:
+        return  # the kernel will say what is wrong with this fd
+    size = whole - config.offset
+    if config.sizelimit:
+        size = min(size, config.sizelimit)
+    found = parttable.gpt_sector_size(backing_fd, config.offset, size)
+    if found is not None and found != 512:
+        config.block_size = found
 
 
 def register_partitions(dev_fd: int, index: int, config: _native.Config) -> None:
