@@ -136,11 +136,12 @@ class Workspace:
 
 def run_raw(ws: Workspace, cycles: int, mode: str) -> Scenario:
     """``raw_cycle`` (times itself: process start-up is not counted)."""
-    out = subprocess.run(
-        [ws.raw_cycle, str(cycles), ws.single, mode], check=True, capture_output=True, text=True
-    ).stdout.split()
-    if out[0] != "retries":
-        raise RuntimeError(f"unexpected output of raw_cycle: {out[:2]}")
+    done = subprocess.run(
+        [ws.raw_cycle, str(cycles), ws.single, mode], capture_output=True, text=True
+    )
+    out = done.stdout.split()
+    if done.returncode != 0 or out[:1] != ["retries"]:
+        raise RuntimeError(f"raw_cycle {mode} failed: {done.stderr.strip() or out[:2]}")
     return Scenario(mode, [int(t) for t in out[2:]])
 
 
@@ -205,7 +206,11 @@ def run_native(ws: Workspace, cycles: int) -> Scenario:
 
 
 def run_losetup(ws: Workspace, cycles: int) -> Scenario:
-    """``losetup -f --show FILE`` + ``losetup -d DEV``: two process starts per cycle."""
+    """``losetup -f --show FILE`` + ``losetup -d DEV``: two process starts per cycle.
+
+    losetup does not retry a minor another allocator took after its GET_FREE: such a
+    cycle is counted as a failure.
+    """
     run = Scenario("losetup")
     losetup = shutil.which("losetup") or "losetup"
     clock = time.perf_counter_ns
@@ -214,10 +219,18 @@ def run_losetup(ws: Workspace, cycles: int) -> Scenario:
         # that binds after the clean-up looked. Hold signals for the cycle.
         with deferred_signals():
             t0 = clock()
-            dev = subprocess.run(
-                [losetup, "-f", "--show", ws.single], check=True, capture_output=True, text=True
-            ).stdout.strip()
-            subprocess.run([losetup, "-d", dev], check=True)
+            try:
+                dev = subprocess.run(
+                    [losetup, "-f", "--show", ws.single],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                ).stdout.strip()
+                subprocess.run([losetup, "-d", dev], check=True, capture_output=True, text=True)
+            except subprocess.CalledProcessError as exc:
+                run.failures += 1
+                run.first_error = run.first_error or f"{exc.cmd[1]}: {exc.stderr.strip()}"
+                continue
             run.times_ns.append(clock() - t0)
     return run
 

@@ -5,8 +5,8 @@
  * usage: raw_cycle CYCLES BACKING_FILE clr|close
  *   clr:   LOOP_CTL_GET_FREE, open, LOOP_CONFIGURE (autoclear), LOOP_CLR_FD, close
  *   close: LOOP_CTL_GET_FREE, open, LOOP_CONFIGURE (autoclear), close
- * A minor taken by another process between GET_FREE and open/configure (ENXIO,
- * ENOENT, EBUSY) is retried and counted. Prints "retries N", then the time of
+ * A minor taken or removed by another process between GET_FREE and open or
+ * configure (ENXIO, ENOENT, EBUSY) is retried and counted. Prints "retries N", then the time of
  * each cycle in ns, one a line.
  */
 #define _GNU_SOURCE
@@ -55,8 +55,8 @@ static int cycle(int ctl, int backing, int clear)
         int err = errno;
 
         close(fd);
-        if (err == EBUSY)
-            return 1; /* bound by another process since GET_FREE */
+        if (err == EBUSY || err == ENXIO)
+            return 1; /* bound, or being removed, by another process since GET_FREE */
         errno = err;
         perror("LOOP_CONFIGURE");
         return -1;
