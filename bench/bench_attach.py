@@ -1,476 +1,291 @@
-"""Time loop device attach+detach cycles: loopdev against raw C ioctls and losetup.
+"""The attach/release path against the kernel's raw cost: issue 8's figures in one run.
 
-Run as root: ``python bench/bench_attach.py [--cycles N] [--rounds R] [--json] [--dir D]``.
-Needs loopdev installed, ``cc`` and ``losetup``; the defaults take 30-60 s.
+Run as root: ``python bench/bench_attach.py [--quick] [--json] [--dir D]``. Needs
+loopdev installed, ``gcc`` and ``losetup``; takes about a minute (``--quick``: a
+few seconds, for a smoke run). Prints each figure with its target and whether it
+is met, then the measurements behind them:
 
-One cycle binds a small sparse file to a free loop device with autoclear and
-closes the device, which releases it. Every round runs ``N`` cycles of each
-scenario (``N`` per worker under contention, ``N // 10`` for losetup), in an
-order rotated per round so machine noise hits all alike; the table shows the
-median and p90 of all per-cycle times and the ratio to the raw C baseline.
-Backing files and the C program live in a temporary directory (below ``--dir``:
-its file system matters, as LOOP_CONFIGURE fsyncs the backing file) that is
-removed at exit; devices still bound to its files are released first, on
-errors, Ctrl-C and SIGTERM too.
+- single process, medians of interleaved rounds: the compat cycle
+  (``LoopControl().loop_for_fd`` + ``clear_fd`` + ``close``) against the raw C
+  cycle (``raw_cycle.c``: GET_FREE, open, LOOP_CONFIGURE, CLR_FD, close), and
+  ``_native.attach`` + ``close`` against the same C cycle without CLR_FD (the
+  last close releases an autoclear device); ``losetup`` for scale;
+- 8 processes running the compat cycle at once: p90 per cycle, failures;
+- another process holding the ``loop-control`` flock: how long compat attach
+  takes (on a private copy of the control node, so that the lock stops no other
+  program on the machine; the bench lets go after ``--lock-cap`` seconds);
+- release latency after the last other holder's close (bench_detach_latency.py);
+- ``devices()`` and ``find()`` with 256 bound devices against ``losetup -J -l``
+  (bench_devices.py);
+- ``import loopdev`` time.
+
+All backing files live in a temporary directory below ``--dir`` (its file system
+matters: LOOP_CONFIGURE flushes the backing file), removed at exit; every device
+bound to them is released, on errors, Ctrl-C and SIGTERM too, and the minors the
+run made the kernel add are removed again.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import glob
+import fcntl
 import json
 import multiprocessing
 import os
 import platform
 import shutil
 import signal
-import statistics
+import stat
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.synchronize import Barrier as SyncBarrier
-from types import FrameType
-from typing import NoReturn, TypedDict
 
-try:
-    import loopdev
-    from loopdev import LoopControl, _native
-    from loopdev.compat import Loop
-except ImportError as exc:  # the CFFI extension only exists in an installed copy
-    sys.exit(f"bench_attach: cannot import loopdev ({exc}); pip install the package first")
+import bench_detach_latency
+import bench_devices
+from benchlib import (
+    Interrupted,
+    Target,
+    compile_raw_cycle,
+    deferred_signals,
+    ignoring_signals,
+    loop_minors,
+    make_files,
+    median,
+    native_attach,
+    native_config,
+    p90,
+    release_under,
+    remove_added,
+    stop_on_signals,
+)
+
+import loopdev
+from loopdev import LoopControl, _native
 
 WORKERS = 8
-BACKING_SIZE = 1 << 20
-IMPORT_RUNS = 9
-TARGET_RATIO = 1.10
-TARGET_RETRIES = 0.5
-TARGET_IMPORT_MS = 5.0
-
-C_SOURCE = r"""
-/* Raw-ioctl limit of one attach+detach cycle: no locking, no verification. */
-#define _GNU_SOURCE
-#include <errno.h>
-#include <fcntl.h>
-#include <linux/loop.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/ioctl.h>
-#include <time.h>
-#include <unistd.h>
-
-static long long now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec * 1000000000LL + ts.tv_nsec;
-}
-
-int main(int argc, char **argv)
-{
-    long cycles, retries = 0;
-    long long *times;
-    int ctl, backing;
-
-    if (argc != 3) {
-        fprintf(stderr, "usage: %s CYCLES BACKING_FILE\n", argv[0]);
-        return 2;
-    }
-    cycles = strtol(argv[1], NULL, 10);
-    ctl = open("/dev/loop-control", O_RDWR | O_CLOEXEC);
-    backing = open(argv[2], O_RDWR | O_CLOEXEC);
-    times = calloc(cycles > 0 ? cycles : 1, sizeof(*times));
-    if (ctl < 0 || backing < 0 || !times) {
-        perror("setup");
-        return 1;
-    }
-    for (long i = 0; i < cycles; i++) {
-        long long t0 = now_ns();
-        for (int attempt = 0;; attempt++) {
-            struct loop_config cfg;
-            char name[32];
-            int minor, fd;
-
-            if (attempt == 1000) {
-                fprintf(stderr, "no device after 1000 attempts\n");
-                return 1;
-            }
-            minor = ioctl(ctl, LOOP_CTL_GET_FREE);
-            if (minor < 0) {
-                perror("LOOP_CTL_GET_FREE");
-                return 1;
-            }
-            snprintf(name, sizeof(name), "/dev/loop%d", minor);
-            fd = open(name, O_RDWR | O_CLOEXEC);
-            if (fd < 0) {
-                /* Another process released or removed it after GET_FREE. */
-                if (errno == ENXIO || errno == ENOENT) {
-                    retries++;
-                    continue;
-                }
-                perror(name);
-                return 1;
-            }
-            memset(&cfg, 0, sizeof(cfg));
-            cfg.fd = (unsigned)backing;
-            cfg.info.lo_flags = LO_FLAGS_AUTOCLEAR;
-            if (ioctl(fd, LOOP_CONFIGURE, &cfg) < 0) {
-                int err = errno;
-                close(fd);
-                /* Another process bound this minor since GET_FREE. */
-                if (err == EBUSY) {
-                    retries++;
-                    continue;
-                }
-                errno = err;
-                perror("LOOP_CONFIGURE");
-                return 1;
-            }
-            close(fd); /* autoclear: the last close unbinds */
-            break;
-        }
-        times[i] = now_ns() - t0;
-    }
-    printf("retries %ld\n", retries);
-    for (long i = 0; i < cycles; i++)
-        printf("%lld\n", times[i]);
-    return 0;
-}
-"""
 
 
 @dataclass
-class Run:
-    """One scenario's outcome in one round."""
+class Sizes:
+    """How much of each measurement to run."""
 
+    cycles: int = 2000  # per single-process scenario and round
+    rounds: int = 5
+    contention_cycles: int = 400  # per worker
+    lock_attempts: int = 3
+    lock_cap: float = 5.0
+    latency_rounds: int = 20
+    listing_count: int = 256
+    listing_runs: int = 9
+    import_runs: int = 9
+
+
+QUICK = Sizes(
+    cycles=200,
+    rounds=1,
+    contention_cycles=50,
+    lock_attempts=1,
+    lock_cap=2.0,
+    latency_rounds=5,
+    listing_count=64,
+    listing_runs=3,
+    import_runs=3,
+)
+
+
+@dataclass
+class Scenario:
+    """Per-cycle times (ns) of one scenario, pooled over rounds or workers."""
+
+    label: str
     times_ns: list[int] = field(default_factory=list)
     failures: int = 0
-    retries: int | None = 0
-    start_ns: int = 0
-    end_ns: int = 0
     first_error: str | None = None
 
-    def merge(self, other: Run) -> None:
-        """Pool a concurrent worker's run into this one."""
+    def add(self, other: Scenario) -> None:
         self.times_ns += other.times_ns
         self.failures += other.failures
-        if self.retries is not None and other.retries is not None:
-            self.retries += other.retries
-        if not self.start_ns or other.start_ns < self.start_ns:
-            self.start_ns = other.start_ns
-        self.end_ns = max(self.end_ns, other.end_ns)
         self.first_error = self.first_error or other.first_error
 
+    @property
+    def median_us(self) -> float:
+        return median([t / 1000 for t in self.times_ns])
 
-@dataclass
-class Tally:
-    """A scenario pooled over all rounds."""
-
-    name: str
-    times_ns: list[int] = field(default_factory=list)
-    round_medians_ns: list[float] = field(default_factory=list)
-    failures: int = 0
-    retries: int | None = 0
-    wall_ns: int = 0
-    first_error: str | None = None
-
-    def add(self, run: Run) -> None:
-        """Add one round."""
-        self.times_ns += run.times_ns
-        if run.times_ns:
-            self.round_medians_ns.append(statistics.median(run.times_ns))
-        self.failures += run.failures
-        self.retries = (
-            None if run.retries is None or self.retries is None else (self.retries + run.retries)
-        )
-        self.wall_ns += run.end_ns - run.start_ns
-        self.first_error = self.first_error or run.first_error
+    @property
+    def p90_us(self) -> float:
+        return p90([t / 1000 for t in self.times_ns])
 
 
 @dataclass
 class Workspace:
-    """The temporary directory, its backing files and the compiled C program."""
-
     root: str
     single: str
     workers: list[str]
-    c_program: str
+    raw_cycle: str
 
 
-class Interrupted(BaseException):
-    """SIGTERM or SIGHUP: unwinds like Ctrl-C so every ``finally`` runs."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
+# --- single process -----------------------------------------------------------------------
 
 
-def _on_signal(signum: int, frame: FrameType | None) -> NoReturn:
-    raise Interrupted(signum)
+def run_raw(ws: Workspace, cycles: int, mode: str) -> Scenario:
+    """``raw_cycle`` (times itself: process start-up is not counted)."""
+    done = subprocess.run(
+        [ws.raw_cycle, str(cycles), ws.single, mode], capture_output=True, text=True
+    )
+    out = done.stdout.split()
+    if done.returncode != 0 or out[:1] != ["retries"]:
+        raise RuntimeError(f"raw_cycle {mode} failed: {done.stderr.strip() or out[:2]}")
+    return Scenario(mode, [int(t) for t in out[2:]])
 
 
-STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
-
-
-@contextlib.contextmanager
-def deferred_signals() -> Iterator[None]:
-    """Hold Ctrl-C and SIGTERM until the block ends: its steps must not be cut in half.
-
-    Children started inside inherit the mask, so they finish their step too.
-    """
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
-def _cycle_config() -> _native.Config:
-    return _native.Config(flags=_native.LO_FLAGS_AUTOCLEAR)
-
-
-# ---------------------------------------------------------------- setup/cleanup
-
-
-def make_workspace(parent: str | None) -> Workspace:
-    """Sparse backing files and the C baseline, compiled with ``cc -O2``."""
-    root = tempfile.mkdtemp(prefix="bench_attach.", dir=parent)
-    try:
-        paths = []
-        for name in ["single", *(f"worker{i}" for i in range(WORKERS))]:
-            path = os.path.join(root, name)
-            with open(path, "wb") as f:
-                f.truncate(BACKING_SIZE)
-            paths.append(path)
-        source = os.path.join(root, "attach_c.c")
-        program = os.path.join(root, "attach_c")
-        with open(source, "w") as f:
-            f.write(C_SOURCE)
-        subprocess.run(["cc", "-O2", "-Wall", "-o", program, source], check=True)
-    except BaseException:
-        shutil.rmtree(root, ignore_errors=True)
-        raise
-    return Workspace(root, paths[0], paths[1:], program)
-
-
-def fs_type(path: str) -> str:
-    """The file system holding ``path``: LOOP_CONFIGURE fsyncs the backing file, so it matters."""
-    best, kind = "", "?"
-    real = os.path.realpath(path)
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            fields = line.split()
-            # A mount point with octal escapes (\040 for a space) just never matches.
-            mnt = fields[1]
-            if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
-                best, kind = mnt, fields[2]
-    return kind
-
-
-def bound_under(root: str) -> list[str]:
-    """Loop devices whose backing file is below ``root``."""
-    found = []
-    prefix = root.rstrip("/") + "/"
-    for path in glob.glob("/sys/block/loop*/loop/backing_file"):
+def compat_cycles(ctl: LoopControl, fd: int, cycles: int) -> Scenario:
+    """``loop_for_fd`` + ``clear_fd`` + ``close``; failures are counted, not raised."""
+    run = Scenario("compat")
+    clock = time.perf_counter_ns
+    for _ in range(cycles):
+        t0 = clock()
         try:
-            with open(path) as f:
-                backing = f.read().strip()
-        except OSError:  # unbound between glob and open
-            continue
-        if backing.startswith(prefix):
-            found.append(path.split("/")[3])
-    return found
-
-
-def _close_own_fds(name: str) -> None:
-    """Close this process's fds on ``/dev/{name}``.
-
-    A signal that lands while the native attach runs raises right after it
-    returns, before the caller gets the fd: the device stays open, and bound.
-    """
-    for entry in os.listdir("/proc/self/fd"):
-        try:
-            if os.readlink(f"/proc/self/fd/{entry}") == f"/dev/{name}":
-                os.close(int(entry))
-        except OSError:  # the listing's own fd, or closed meanwhile
-            continue
-
-
-def release_under(root: str, timeout: float = 5.0) -> list[str]:
-    """Unbind every device still backed by a file below ``root``; return those left bound."""
-    deadline = time.monotonic() + timeout
-    while True:
-        left = bound_under(root)
-        if not left or time.monotonic() > deadline:
-            return left
-        for name in left:
-            _close_own_fds(name)
+            lo = ctl.loop_for_fd(fd, autoclear=True)
             try:
-                lo = Loop(int(name[4:]))
-            except OSError:  # released or removed meanwhile
-                continue
-            try:
-                # Since 6.x CLR_FD marks autoclear and the unbind happens at
-                # the last close, which is ours unless a worker still holds it.
                 lo.clear_fd()
-            except OSError:
-                pass
             finally:
                 lo.close()
-        time.sleep(0.05)
+        except OSError as exc:
+            run.failures += 1
+            run.first_error = run.first_error or f"{type(exc).__name__}: {exc}"
+            continue
+        run.times_ns.append(clock() - t0)
+    return run
 
 
-def cleanup(ws: Workspace) -> None:
-    """Release leftover devices, then remove the directory; a second Ctrl-C cannot cut it short."""
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS}
-    try:
-        left = release_under(ws.root)
-        if left:
-            print(f"bench_attach: still bound after cleanup: {left}", file=sys.stderr)
-        shutil.rmtree(ws.root, ignore_errors=True)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-# ------------------------------------------------------------ single process
-
-
-def run_compat(ws: Workspace, cycles: int) -> Run:
-    """The public API: ``LoopControl().loop_for_fd(fd, autoclear=True)`` then ``close()``."""
-    run = Run()
+def run_compat(ws: Workspace, cycles: int) -> Scenario:
     fd = os.open(ws.single, os.O_RDWR | os.O_CLOEXEC)
     ctl = LoopControl()
     try:
-        clock = time.perf_counter_ns
-        run.start_ns = time.monotonic_ns()
-        for _ in range(cycles):
-            t0 = clock()
-            lo = ctl.loop_for_fd(fd, autoclear=True)
-            lo.close()
-            run.times_ns.append(clock() - t0)
-        run.end_ns = time.monotonic_ns()
+        return compat_cycles(ctl, fd, cycles)
     finally:
         ctl.close()
         os.close(fd)
-    return run
 
 
-def _open_ctl() -> tuple[int, int]:
+@contextlib.contextmanager
+def control_and_dev() -> Iterator[tuple[int, int]]:
     ctl = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
     try:
         dirfd = os.open("/dev", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    except BaseException:
-        os.close(ctl)
-        raise
-    return ctl, dirfd
-
-
-def native_cycles(
-    ctl: int, dirfd: int, path: str, cycles: int, stop: Callable[[], bool] | None = None
-) -> Run:
-    """``_native.attach`` + ``os.close`` ``cycles`` times; failures are counted, not raised."""
-    run = Run()
-    retries = 0
-    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    try:
-        clock = time.perf_counter_ns
-        run.start_ns = time.monotonic_ns()
-        for _ in range(cycles):
-            if stop is not None and stop():
-                break
-            t0 = clock()
-            try:
-                got = _native.attach(ctl, dirfd, fd, _cycle_config())
-            except OSError as exc:
-                run.failures += 1
-                run.first_error = run.first_error or f"{type(exc).__name__}: {exc}"
-                continue
-            os.close(got.fd)
-            retries += got.retries
-            run.times_ns.append(clock() - t0)
-        run.end_ns = time.monotonic_ns()
+        try:
+            yield ctl, dirfd
+        finally:
+            os.close(dirfd)
     finally:
-        os.close(fd)
-    run.retries = retries
+        os.close(ctl)
+
+
+def run_native(ws: Workspace, cycles: int) -> Scenario:
+    """``_native.attach`` + ``os.close`` (autoclear releases at the close)."""
+    run = Scenario("native")
+    config = native_config()
+    backing = os.open(ws.single, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        with control_and_dev() as (ctl, dirfd):
+            clock = time.perf_counter_ns
+            for _ in range(cycles):
+                t0 = clock()
+                os.close(native_attach(ctl, dirfd, backing, config))
+                run.times_ns.append(clock() - t0)
+    finally:
+        os.close(backing)
     return run
 
 
-def run_native(ws: Workspace, cycles: int) -> Run:
-    """The layer below the public API, to show what the Python wrapper costs."""
-    ctl, dirfd = _open_ctl()
-    try:
-        return native_cycles(ctl, dirfd, ws.single, cycles)
-    finally:
-        os.close(dirfd)
-        os.close(ctl)
+def run_losetup(ws: Workspace, cycles: int) -> Scenario:
+    """``losetup -f --show FILE`` + ``losetup -d DEV``: two process starts per cycle.
 
-
-def run_c(ws: Workspace, cycles: int) -> Run:
-    """The compiled baseline; it times itself, so process start-up is not counted."""
-    start = time.monotonic_ns()
-    # subprocess.run kills the child on an exception; should one slip past it,
-    # autoclear still releases the devices when the child exits.
-    out = subprocess.run(
-        [ws.c_program, str(cycles), ws.single], check=True, capture_output=True, text=True
-    ).stdout.split("\n")
-    head, *rest = out
-    key, count = head.split()
-    if key != "retries":
-        raise RuntimeError(f"unexpected output of the C baseline: {head!r}")
-    times = [int(line) for line in rest if line]
-    return Run(times, 0, int(count), start, start + sum(times))
-
-
-def run_losetup(ws: Workspace, cycles: int) -> Run:
-    """``losetup -f --show FILE`` + ``losetup -d DEV``: two process starts per cycle."""
-    run = Run(retries=None)
-    losetup = shutil.which("losetup") or "losetup"  # resolved once, not per cycle
+    losetup does not retry a minor another allocator took after its GET_FREE: such a
+    cycle is counted as a failure.
+    """
+    run = Scenario("losetup")
+    losetup = shutil.which("losetup") or "losetup"
     clock = time.perf_counter_ns
-    run.start_ns = time.monotonic_ns()
-    for _ in range(cycles):
-        # No autoclear here, and a signal inside subprocess.run can orphan a
-        # running losetup that binds a device after cleanup() looked: hold
-        # signals for the cycle (two sigprocmask calls against ms of work).
+    for _ in range(max(1, cycles // 100)):
+        # No autoclear here: a signal inside subprocess.run could orphan a losetup
+        # that binds after the clean-up looked. Hold signals for the cycle.
         with deferred_signals():
             t0 = clock()
-            dev = subprocess.run(
-                [losetup, "-f", "--show", ws.single], check=True, capture_output=True, text=True
-            ).stdout.strip()
-            subprocess.run([losetup, "-d", dev], check=True)
+            try:
+                dev = subprocess.run(
+                    [losetup, "-f", "--show", ws.single],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                ).stdout.strip()
+                subprocess.run([losetup, "-d", dev], check=True, capture_output=True, text=True)
+            except subprocess.CalledProcessError as exc:
+                run.failures += 1
+                run.first_error = run.first_error or f"{exc.cmd[1]}: {exc.stderr.strip()}"
+                continue
             run.times_ns.append(clock() - t0)
-    run.end_ns = time.monotonic_ns()
     return run
 
 
-# ---------------------------------------------------------------- contention
+SINGLE: dict[str, tuple[str, Callable[[Workspace, int], Scenario]]] = {
+    "raw_clr": (
+        "raw C: GET_FREE, open, CONFIGURE, CLR_FD, close",
+        lambda ws, n: run_raw(ws, n, "clr"),
+    ),
+    "raw_close": (
+        "raw C: GET_FREE, open, CONFIGURE, close",
+        lambda ws, n: run_raw(ws, n, "close"),
+    ),
+    "compat": ("compat loop_for_fd + clear_fd + close", run_compat),
+    "native": ("_native.attach + close", run_native),
+    "losetup": ("losetup -f --show + losetup -d", run_losetup),
+}
 
 
-def _process_worker(conn: Connection, path: str, cycles: int, barrier: SyncBarrier) -> None:
-    """One of the forked allocators: its own loop-control, as an independent process has."""
+def single_process(
+    ws: Workspace, sizes: Sizes, progress: Callable[[str], None]
+) -> dict[str, Scenario]:
+    results = {key: Scenario(label) for key, (label, _) in SINGLE.items()}
+    run_native(ws, 3)  # warm-up: the first attach probes LOOP_CONFIGURE
+    keys = list(SINGLE)
+    for rnd in range(sizes.rounds):
+        # Rotated so that no scenario always runs first or after the same one.
+        for key in keys[rnd % len(keys) :] + keys[: rnd % len(keys)]:
+            progress(f"round {rnd + 1}/{sizes.rounds}: {SINGLE[key][0]}")
+            results[key].add(SINGLE[key][1](ws, sizes.cycles))
+    return results
+
+
+# --- contention ---------------------------------------------------------------------------
+
+
+def _contender(conn: Connection, path: str, cycles: int, barrier: SyncBarrier) -> None:
+    """One of the forked allocators, with its own LoopControl as a separate program has."""
     # The parent alone reacts to Ctrl-C and ends the workers with SIGTERM,
     # whose default action closes their fds, and autoclear then releases.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     try:
-        ctl, dirfd = _open_ctl()
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        ctl = LoopControl()
         barrier.wait(60)
-        conn.send(native_cycles(ctl, dirfd, path, cycles))
+        conn.send(compat_cycles(ctl, fd, cycles))
     except BaseException as exc:
         conn.send(f"{type(exc).__name__}: {exc}")
     finally:
         conn.close()
 
 
-def run_processes(ws: Workspace, cycles: int) -> Run:
-    """``WORKERS`` forked processes allocating at once."""
+def contention(ws: Workspace, cycles: int) -> Scenario:
+    """``WORKERS`` processes running the compat cycle at once."""
     ctx = multiprocessing.get_context("fork")
     barrier = ctx.Barrier(WORKERS)
     procs = []
@@ -479,21 +294,18 @@ def run_processes(ws: Workspace, cycles: int) -> Run:
     try:
         for path in ws.workers:
             parent_end, child_end = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=_process_worker, args=(child_end, path, cycles, barrier))
+            proc = ctx.Process(target=_contender, args=(child_end, path, cycles, barrier))
             conns.append(parent_end)
-            # A signal inside start() would orphan the child: the finally
-            # below only ends the processes in ``procs``.
-            with deferred_signals():
+            with deferred_signals():  # a signal inside start() would orphan the child
                 proc.start()
                 procs.append(proc)
-            # Only the child may hold the write end, so a dead child reads as EOF.
-            child_end.close()
-        total = Run()
+            child_end.close()  # only the child holds the write end: a dead child reads EOF
+        total = Scenario(f"{WORKERS} processes, compat cycle")
         for conn in conns:
             got = conn.recv()
             if isinstance(got, str):
                 raise RuntimeError(f"worker process failed: {got}")
-            total.merge(got)
+            total.add(got)
         done = True
         return total
     finally:
@@ -505,70 +317,104 @@ def run_processes(ws: Workspace, cycles: int) -> Run:
             conn.close()
 
 
-def run_threads(ws: Workspace, cycles: int, shared_ctl: bool = False) -> Run:
-    """``WORKERS`` threads allocating at once (cffi drops the GIL in the native call).
+# --- the loop-control lock held by another process ----------------------------------------
 
-    Each thread opens loop-control itself unless ``shared_ctl``: then all use one
-    fd, as threads sharing one ``LoopControl`` do.
-    """
-    barrier = threading.Barrier(WORKERS)
-    stop = threading.Event()
-    results: list[Run | str] = []
-    lock = threading.Lock()
-    shared = _open_ctl() if shared_ctl else None
 
-    def worker(path: str) -> None:
-        try:
-            ctl, dirfd = shared if shared is not None else _open_ctl()
-            try:
-                barrier.wait(60)
-                got: Run | str = native_cycles(ctl, dirfd, path, cycles, stop.is_set)
-            finally:
-                if shared is None:
-                    os.close(dirfd)
-                    os.close(ctl)
-        except BaseException as exc:
-            got = f"{type(exc).__name__}: {exc}"
-        with lock:
-            results.append(got)
-
-    threads = [threading.Thread(target=worker, args=(p,), daemon=True) for p in ws.workers]
+def _loop_rdev(index: int, part_shift: int) -> int:
+    """dev_t of ``loop{index}``: from sysfs where it exists, else as the kernel will
+    number it (minor ``index << part_shift`` with ``loop.max_part``)."""
     try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        with open(f"/sys/class/block/loop{index}/dev") as f:
+            major, minor = f.read().split(":")
+        return os.makedev(int(major), int(minor))
+    except OSError:
+        return os.makedev(_native.LOOP_MAJOR, index << part_shift)
+
+
+def private_dev(directory: str) -> int:
+    """A copy of /dev's loop nodes in ``directory`` (loop-control, and loopN for every
+    device and 64 more); returns an O_PATH fd on it. Its loop-control is another inode
+    than /dev's, so a flock on it stops only who opens it there."""
+    os.mkdir(directory, 0o700)
+    control = os.stat("/dev/loop-control").st_rdev
+    os.mknod(os.path.join(directory, "loop-control"), stat.S_IFCHR | 0o600, control)
+    with open("/sys/module/loop/parameters/max_part") as f:
+        part_shift = int(f.read()).bit_length()  # the kernel's fls(max_part)
+    for index in range(max(loop_minors(), default=0) + 64):
+        rdev = _loop_rdev(index, part_shift)
+        os.mknod(os.path.join(directory, f"loop{index}"), stat.S_IFBLK | 0o600, rdev)
+    return os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def _lock_holder(conn: Connection, control: str) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    fd = os.open(control, os.O_RDWR | os.O_CLOEXEC)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    conn.send("locked")
+    with contextlib.suppress(EOFError):  # EOF: the parent went away
+        conn.recv()  # until told to let go; exiting drops the lock
+
+
+def held_lock(ws: Workspace, attempts: int, cap: float) -> list[float]:
+    """Seconds compat ``loop_for_fd`` took while another process held the control flock;
+    where it was still waiting at ``cap``, the holder let go (the value is then ``cap``
+    and more)."""
+    dir_fd = private_dev(os.path.join(ws.root, "dev"))
+    ctx = multiprocessing.get_context("fork")
+    times = []
+    try:
+        for _ in range(attempts):
+            parent, child = ctx.Pipe()
+            holder = ctx.Process(
+                target=_lock_holder, args=(child, os.path.join(ws.root, "dev", "loop-control"))
+            )
+            holder.start()
+            child.close()
+            try:
+                if parent.recv() != "locked":
+                    raise RuntimeError("the lock holder failed")
+                outcome: list[BaseException | float] = []
+
+                def attach(outcome: list[BaseException | float] = outcome) -> None:
+                    fd = os.open(ws.single, os.O_RDWR | os.O_CLOEXEC)
+                    ctl = LoopControl(dir_fd)
+                    start = time.monotonic()
+                    try:
+                        lo = ctl.loop_for_fd(fd, autoclear=True)
+                        outcome.append(time.monotonic() - start)
+                        lo.clear_fd()
+                        lo.close()
+                    except BaseException as exc:
+                        outcome.append(exc)
+                    finally:
+                        ctl.close()
+                        os.close(fd)
+
+                worker = threading.Thread(target=attach)
+                worker.start()
+                worker.join(cap)
+                parent.send("unlock")
+                worker.join()
+            finally:
+                parent.close()
+                holder.join(5)
+                if holder.is_alive():
+                    holder.kill()
+            if isinstance(outcome[0], BaseException):
+                raise outcome[0]
+            times.append(outcome[0])
     finally:
-        # On Ctrl-C the workers stop after their current cycle, which closes its fd.
-        stop.set()
-        barrier.abort()
-        for t in threads:
-            if t.ident is not None:  # started
-                t.join()
-        if shared is not None:
-            os.close(shared[1])
-            os.close(shared[0])
-    total = Run()
-    for got in results:
-        if isinstance(got, str):
-            raise RuntimeError(f"worker thread failed: {got}")
-        total.merge(got)
-    return total
+        os.close(dir_fd)
+    return times
 
 
-def run_threads_shared(ws: Workspace, cycles: int) -> Run:
-    """Threads sharing one loop-control fd, as threads sharing one ``LoopControl`` do."""
-    return run_threads(ws, cycles, shared_ctl=True)
+# --- import -------------------------------------------------------------------------------
 
 
-# ------------------------------------------------------------------- import
-
-
-def import_time_ms(runs: int = IMPORT_RUNS) -> list[float]:
+def import_time_ms(runs: int) -> list[float]:
     """Cumulative ``-X importtime`` of the ``loopdev`` line, once per fresh interpreter."""
     samples = []
-    # One discarded run first: it may still write bytecode caches.
-    for i in range(runs + 1):
+    for i in range(runs + 1):  # the first one may still write bytecode caches
         err = subprocess.run(
             [sys.executable, "-X", "importtime", "-c", "import loopdev"],
             check=True,
@@ -578,7 +424,7 @@ def import_time_ms(runs: int = IMPORT_RUNS) -> list[float]:
         for line in err.splitlines():
             parts = line.split("|")
             if len(parts) == 3 and parts[2].strip() == "loopdev":
-                if i > 0:
+                if i:
                     samples.append(int(parts[1]) / 1000)
                 break
         else:
@@ -586,230 +432,224 @@ def import_time_ms(runs: int = IMPORT_RUNS) -> list[float]:
     return samples
 
 
-# -------------------------------------------------------------------- report
+# --- the report ---------------------------------------------------------------------------
 
 
-SCENARIOS: list[tuple[str, str, Callable[[Workspace, int], Run], int]] = [
-    # key, label, function, cycles divisor
-    ("c", "raw C ioctls (cc -O2)", run_c, 1),
-    ("compat", "LoopControl.loop_for_fd", run_compat, 1),
-    ("native", "_native.attach + os.close", run_native, 1),
-    ("losetup", "losetup -f --show / -d", run_losetup, 10),
-    ("procs", f"{WORKERS} processes, _native.attach", run_processes, 1),
-    ("threads", f"{WORKERS} threads, _native.attach", run_threads, 1),
-    ("threads_shared", f"{WORKERS} threads, one shared ctl fd", run_threads_shared, 1),
-]
-
-
-class Row(TypedDict):
-    """One table row; times in microseconds."""
-
-    key: str
-    scenario: str
-    cycles: int
-    median_us: float
-    p90_us: float
-    ratio_to_c: float
-    round_spread_pct: float
-    failures: int
-    retries_per_cycle: float | None
-    cycles_per_s: float
-    first_error: str | None
-
-
-class Target(TypedDict):
-    """One target of the issue, the measured value and whether it is met."""
-
-    target: str
-    value: str
-    met: bool
-
-
-class Report(TypedDict):
-    """Everything ``--json`` prints."""
-
-    kernel: str
-    python: str
-    cpus: int | None
-    loopdev: str
-    backing_fs: str
-    cycles: int
-    rounds: int
-    losetup_cycles: int
-    workers: int
-    scenarios: list[Row]
-    round_medians_us: dict[str, list[float]]
-    import_ms: float
-    import_ms_samples: list[float]
-    targets: list[Target]
-
-
-def summarize(key: str, tally: Tally, c_median: float) -> Row:
-    """Pool one scenario's rounds into its row."""
-    times = tally.times_ns
-    n = len(times)
-    median = statistics.median(times) if times else float("nan")
-    p90 = statistics.quantiles(times, n=10)[-1] if n >= 2 else median
-    rm = tally.round_medians_ns
-    return Row(
-        key=key,
-        scenario=tally.name,
-        cycles=n,
-        median_us=median / 1000,
-        p90_us=p90 / 1000,
-        ratio_to_c=median / c_median,
-        round_spread_pct=100 * (max(rm) - min(rm)) / median if len(rm) > 1 else 0.0,
-        failures=tally.failures,
-        retries_per_cycle=None if tally.retries is None else tally.retries / max(n, 1),
-        cycles_per_s=n / (tally.wall_ns / 1e9) if tally.wall_ns > 0 else float("nan"),
-        first_error=tally.first_error,
-    )
-
-
-def targets(rows: dict[str, Row], import_ms: float) -> list[Target]:
-    """The issue's targets against the measured values."""
-    out = []
-    for key in ("compat", "native"):
-        ratio = rows[key]["ratio_to_c"]
+def targets(
+    single: dict[str, Scenario],
+    contended: Scenario,
+    lock_s: list[float],
+    lock_cap: float,
+    latency: dict[str, list[float]],
+    listing: bench_devices.Listing,
+    import_ms: list[float],
+) -> list[Target]:
+    compat = single["compat"].median_us / single["raw_clr"].median_us
+    native = single["native"].median_us / single["raw_close"].median_us
+    losetup = median(listing["times_ms"][bench_devices.LOSETUP])
+    out = [
+        Target("compat cycle / raw C cycle (medians)", f"{compat:.2f}x", "<= 1.20x", compat <= 1.2),
+        Target(
+            "_native.attach + close / raw C without CLR_FD",
+            f"{native:.2f}x",
+            "<= 1.10x",
+            native <= 1.1,
+        ),
+    ]
+    for name in (bench_devices.DEVICES, bench_devices.FIND):
+        ratio = median(listing["times_ms"][name]) / losetup
         out.append(
             Target(
-                target=f"single process, {rows[key]['scenario']} <= {TARGET_RATIO:.2f}x raw C",
-                value=f"{ratio:.2f}x",
-                met=ratio <= TARGET_RATIO,
+                f"{name}, {listing['count']} bound / losetup -J -l",
+                f"{ratio:.2f}x",
+                "<= 0.33x",
+                ratio <= 1 / 3,
             )
         )
-    for key in ("procs", "threads"):
-        row = rows[key]
-        rpc = row["retries_per_cycle"] or 0.0
+    for name, ms in latency.items():
         out.append(
             Target(
-                target=f"{row['scenario']}: 0 failures, < {TARGET_RETRIES} retries/cycle",
-                value=f"{row['failures']} failures, {rpc:.3f} retries/cycle",
-                met=row["failures"] == 0 and rpc < TARGET_RETRIES,
+                f"{name} return - last close",
+                f"{median(ms):.2f} ms",
+                "<= 2 ms",
+                median(ms) <= 2.0,
             )
         )
+    p90_ms = contended.p90_us / 1000
     out.append(
         Target(
-            target=f"import loopdev < {TARGET_IMPORT_MS:g} ms",
-            value=f"{import_ms:.1f} ms",
-            met=import_ms < TARGET_IMPORT_MS,
+            f"{contended.label}: p90, failures",
+            f"{p90_ms:.2f} ms, {contended.failures}",
+            "<= 1 ms, 0",
+            p90_ms <= 1.0 and contended.failures == 0,
+        )
+    )
+    worst = max(lock_s)
+    capped = " (cap: still waiting)" if worst >= lock_cap else ""
+    out.append(
+        Target(
+            "compat attach, another process holding the lock (max)",
+            f"{worst:.2f} s{capped}",
+            "<= 1.1 s",
+            worst <= 1.1,
+        )
+    )
+    out.append(
+        Target(
+            "import loopdev (median)",
+            f"{median(import_ms):.1f} ms",
+            "< 5 ms",
+            median(import_ms) < 5,
         )
     )
     return out
 
 
-def print_table(report: Report) -> None:
-    """The human-readable report."""
-    print(
-        f"loopdev attach+detach: kernel {report['kernel']}, Python {report['python']}, "
-        f"{report['cpus']} CPUs, loopdev {report['loopdev']}, backing files on "
-        f"{report['backing_fs']}\n{report['rounds']} rounds x {report['cycles']} cycles "
-        f"(losetup {report['losetup_cycles']}; contention: per worker)"
-    )
-    header = (
-        f"{'scenario':<36} {'cycles':>7} {'median us':>10} {'p90 us':>9} {'x C':>6} "
-        f"{'spread':>7} {'fail':>5} {'retry/cyc':>9} {'cycles/s':>9}"
-    )
-    print(header)
-    print("-" * len(header))
-    for r in report["scenarios"]:
-        rpc = r["retries_per_cycle"]
+@dataclass
+class Report:
+    """Everything ``--json`` prints; times as their names say."""
+
+    setup: str
+    targets: list[Target]
+    scenarios: list[dict[str, object]]
+    lock_held_attach_s: list[float]
+    release_latency_ms: dict[str, list[float]]
+    listing_ms: dict[str, list[float]]
+    import_ms: list[float]
+    notes: list[str]
+
+
+def print_report(report: Report) -> None:
+    print(report.setup)
+    print(f"\n{'figure':58} {'measured':>27} {'target':>10}  met")
+    for t in report.targets:
+        print(f"{t.figure:58} {t.value:>27} {t.target:>10}  {'yes' if t.met else 'NO'}")
+    print(f"\n{'scenario':48} {'cycles':>7} {'median us':>10} {'p90 us':>9} {'fail':>5}")
+    for r in report.scenarios:
         print(
-            f"{r['scenario']:<36} {r['cycles']:>7} {r['median_us']:>10.1f} "
-            f"{r['p90_us']:>9.1f} {r['ratio_to_c']:>6.2f} {r['round_spread_pct']:>6.1f}% "
-            f"{r['failures']:>5} {'n/a' if rpc is None else f'{rpc:.3f}':>9} "
-            f"{r['cycles_per_s']:>9.0f}"
+            f"{r['label']!s:48} {r['cycles']!s:>7} {r['median_us']:>10.1f} "
+            f"{r['p90_us']:>9.1f} {r['failures']!s:>5}"
         )
         if r["first_error"]:
             print(f"    first failure: {r['first_error']}")
-    samples = report["import_ms_samples"]
-    print(
-        f"import loopdev: median {report['import_ms']:.1f} ms cumulative "
-        f"(-X importtime, {len(samples)} runs, {min(samples):.1f}..{max(samples):.1f} ms)"
-    )
-    print(
-        "x C: median / raw C median (contention rows: latency under contention).  "
-        "spread: max - min\nof the per-round medians / pooled median.  cycles/s: cycles / "
-        "wall time (all workers)."
-    )
-    print("targets:")
-    for t in report["targets"]:
-        print(f"  [{'met' if t['met'] else 'NOT MET':>7}] {t['target']}: {t['value']}")
+    for line in report.notes:
+        print(line)
 
 
-def benchmark(ws: Workspace, cycles: int, rounds: int, progress: bool) -> Report:
-    """Run every scenario ``rounds`` times, interleaved, and build the report."""
-    tallies = {key: Tally(label) for key, label, _, _ in SCENARIOS}
-    # Warm-up outside the measurement: the first attach probes LOOP_CONFIGURE.
-    run_native(ws, 3)
-    for rnd in range(rounds):
-        # Rotate the order so no scenario always runs first or right after the forks.
-        shift = rnd % len(SCENARIOS)
-        for key, label, fn, divisor in SCENARIOS[shift:] + SCENARIOS[:shift]:
-            if progress:
-                print(f"round {rnd + 1}/{rounds}: {label}", file=sys.stderr, flush=True)
-            tallies[key].add(fn(ws, max(1, cycles // divisor)))
-    imports = import_time_ms()
-    c_median = statistics.median(tallies["c"].times_ns)
-    rows = {key: summarize(key, tallies[key], c_median) for key in tallies}
-    import_ms = statistics.median(imports)
+def benchmark(ws: Workspace, sizes: Sizes, progress: Callable[[str], None]) -> Report:
+    minors_before = loop_minors()
+    single = single_process(ws, sizes, progress)
+    progress(f"{WORKERS} processes")
+    contended = contention(ws, sizes.contention_cycles)
+    progress("loop-control lock held by another process")
+    lock_s = held_lock(ws, sizes.lock_attempts, sizes.lock_cap)
+    progress("release latency")
+    latency = bench_detach_latency.measure(ws.root, sizes.latency_rounds)
+    progress(f"listing with {sizes.listing_count} bound devices")
+    listing = bench_devices.measure(
+        os.path.join(ws.root, "listing"), sizes.listing_count, sizes.listing_runs
+    )
+    progress("import time")
+    imports = import_time_ms(sizes.import_runs)
+    removed = remove_added(loop_minors() - minors_before) + listing["minors_removed"]
     return Report(
-        kernel=platform.release(),
-        python=platform.python_version(),
-        cpus=os.cpu_count(),
-        loopdev=loopdev.__version__,
-        backing_fs=fs_type(ws.root),
-        cycles=cycles,
-        rounds=rounds,
-        losetup_cycles=max(1, cycles // 10),
-        workers=WORKERS,
-        scenarios=list(rows.values()),
-        round_medians_us={k: [m / 1000 for m in t.round_medians_ns] for k, t in tallies.items()},
-        import_ms=import_ms,
-        import_ms_samples=imports,
-        targets=targets(rows, import_ms),
+        setup=(
+            f"loopdev {loopdev.__version__}: kernel {platform.release()}, Python "
+            f"{platform.python_version()}, {os.cpu_count()} CPUs, load "
+            f"{os.getloadavg()[0]:.1f}, backing files on {fs_type(ws.root)}; "
+            f"{sizes.rounds} rounds x {sizes.cycles} cycles (losetup "
+            f"{max(1, sizes.cycles // 100)}), {WORKERS} x {sizes.contention_cycles} contending"
+            + (" (--quick: a smoke run, too short for the ratios)" if sizes == QUICK else "")
+        ),
+        targets=targets(single, contended, lock_s, sizes.lock_cap, latency, listing, imports),
+        scenarios=[
+            {
+                "label": s.label,
+                "cycles": len(s.times_ns),
+                "median_us": s.median_us,
+                "p90_us": s.p90_us,
+                "failures": s.failures,
+                "first_error": s.first_error,
+            }
+            for s in [*single.values(), contended]
+        ],
+        lock_held_attach_s=lock_s,
+        release_latency_ms=latency,
+        listing_ms=listing["times_ms"],
+        import_ms=imports,
+        notes=[
+            f"lock held: compat attach took {', '.join(f'{t:.2f}' for t in lock_s)} s "
+            f"(the holder lets go after {sizes.lock_cap:g} s)",
+            f"listing: {listing['count']} devices bound in {listing['bind_s']:.2f} s; medians "
+            + ", ".join(f"{k} {median(v):.1f} ms" for k, v in listing["times_ms"].items()),
+            "release latency, median/max ms: "
+            + ", ".join(f"{k} {median(v):.2f}/{max(v):.2f}" for k, v in latency.items()),
+            f"minors this run made the kernel add, removed again: {removed}",
+        ],
     )
+
+
+def fs_type(path: str) -> str:
+    """The file system holding ``path``."""
+    best, kind = "", "?"
+    real = os.path.realpath(path)
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            mnt, fstype = line.split()[1:3]
+            if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+                best, kind = mnt, fstype
+    return kind
+
+
+def make_workspace(parent: str | None) -> Workspace:
+    root = os.path.realpath(tempfile.mkdtemp(prefix="bench_attach.", dir=parent))
+    try:
+        paths = make_files(root, ["single", *(f"worker{i}" for i in range(WORKERS))])
+        os.mkdir(os.path.join(root, "listing"))
+        return Workspace(root, paths[0], paths[1:], compile_raw_cycle(root))
+    except BaseException:
+        shutil.rmtree(root, ignore_errors=True)
+        raise
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse the command line, run, print, clean up."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
-    parser.add_argument(
-        "--cycles", type=int, default=2500, help="cycles per scenario and round (default 2500)"
-    )
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="a fast smoke run (a few s)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.add_argument(
-        "--dir",
-        help="where to make the temporary directory (default: the system's, $TMPDIR); "
-        "its file system counts, as LOOP_CONFIGURE flushes the backing file",
-    )
+    parser.add_argument("--dir", help="parent of the temporary directory (default $TMPDIR)")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
     args = parser.parse_args(argv)
-    if args.cycles < 1 or args.rounds < 1:
-        parser.error("--cycles and --rounds must be at least 1")
     if os.geteuid() != 0:
         parser.error("attaching loop devices needs root")
-    for tool in ("cc", "losetup"):
+    for tool in ("gcc", "losetup"):
         if shutil.which(tool) is None:
-            parser.error(f"{tool} not found: the C baseline needs cc, scenario (c) losetup")
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _on_signal)
+            parser.error(f"{tool} not found")
+    sizes = QUICK if args.quick else Sizes()
+
+    def progress(what: str) -> None:
+        if not args.quiet:
+            print(f"bench_attach: {what}", file=sys.stderr, flush=True)
+
+    stop_on_signals()
     ws = None
     try:
         ws = make_workspace(args.dir)
-        report = benchmark(ws, args.cycles, args.rounds, not args.quiet)
+        report = benchmark(ws, sizes, progress)
     except (KeyboardInterrupt, Interrupted) as exc:
         print(f"bench_attach: interrupted ({exc or 'SIGINT'}), cleaning up", file=sys.stderr)
-        return 128 + getattr(exc, "signum", signal.SIGINT)
+        return 130
     finally:
         if ws is not None:
-            cleanup(ws)
+            with ignoring_signals():
+                left = release_under(ws.root)
+                shutil.rmtree(ws.root, ignore_errors=True)
+            if left:
+                print(f"bench_attach: still bound after clean-up: {left}", file=sys.stderr)
     if args.json:
-        json.dump(report, sys.stdout, indent=2)
+        json.dump(asdict(report), sys.stdout, indent=2)
         print()
     else:
-        print_table(report)
+        print_report(report)
     return 0
 
 

@@ -2,18 +2,24 @@
 
 A test that needs a device asks for the ``devices`` fixture: it skips where no
 device can be had, and fails instead when ``LOOPDEV_REQUIRE_DEVICES=1`` (CI).
-Every test is checked afterwards for devices left bound to its files.
+Every test is checked afterwards for devices left bound to its files
+(``_no_leaked_devices``). Helpers shared by the tests are in ``helpers.py``.
 """
 
 from __future__ import annotations
 
 import os
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import bindings, forget_registered, leaked_devices, reap, release
+
+# Re-exported: test modules import these from conftest; they live in helpers.py.
+from helpers import bound_under as bound_under
+from helpers import open_fds as open_fds
+from helpers import wait_unbound as wait_unbound
 
 REQUIRE_DEVICES = os.environ.get("LOOPDEV_REQUIRE_DEVICES") == "1"
 
@@ -45,41 +51,40 @@ def devices(_device_reason: str | None) -> None:
         pytest.skip(_device_reason)
 
 
-def bound_under(prefix: str) -> list[str]:
-    """Loop devices whose backing file lies below the directory ``prefix``."""
-    want = os.fsencode(prefix.rstrip("/") + "/")
-    found = []
-    for name in os.listdir("/sys/block"):
-        try:
-            with open(f"/sys/block/{name}/loop/backing_file", "rb") as f:
-                backing = f.read().strip()
-        except OSError:
-            continue
-        if backing.startswith(want) or backing + b"/" == want:
-            found.append(name)
-    return found
-
-
-def wait_unbound(prefix: str, timeout: float = 3.0) -> list[str]:
-    """Devices still bound below ``prefix`` after up to ``timeout`` seconds.
-
-    A device cleared while another process has it open (a prober, losetup,
-    a parallel test run) is released when that process closes it.
-    """
-    deadline = time.monotonic() + timeout
-    while (left := bound_under(prefix)) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return left
-
-
 @pytest.fixture(autouse=True)
 def _no_leaked_devices(tmp_path: Path) -> Iterator[None]:
+    """Fail a test that leaves a loop device bound to one of its files.
+
+    The rule: a device is the test's leak when it is bound after the test to an
+    attachment that was not there before it (a new ``diskseq``, or a new name),
+    that attachment is still bound after up to 3 s (a clear is finished by the
+    last close, which a prober or a parallel run may delay), and its backing
+    file is the test's:
+
+    - the path sysfs shows lies below ``tmp_path``; or else, read with
+      ``LOOP_GET_STATUS64`` (a brief read-only open of that device only):
+    - its ``lo_device``/``lo_inode`` is a file below ``tmp_path`` or one the
+      test passed to ``helpers.register_backing()``; this catches a device
+      bound from a private mount namespace, whose sysfs path is the path in
+      that namespace (``/x.img``) and says nothing to us; or
+    - the name its binder recorded (``lo_file_name``; cut at 63 bytes by the
+      kernel) lies below ``tmp_path``.
+
+    Devices other processes bind meanwhile match none of these (their files
+    are not ours; every pytest run has its own ``tmp_path``), so they never
+    fail a test. Not caught: a file only a child could see (a private tmpfs)
+    bound under a name outside ``tmp_path`` and not registered.
+    A leak is cleared (only if still the same attachment) so it does not
+    cascade into later tests.
+    """
+    forget_registered()
+    before = bindings()
     yield
-    leaked = wait_unbound(str(tmp_path))
-    for name in leaked:  # clean up so one leak does not cascade
-        subprocess.run(["losetup", "-d", f"/dev/{name}"], check=False)
-    wait_unbound(str(tmp_path))
-    assert not leaked, f"test left loop devices bound: {leaked}"
+    leaked = leaked_devices(before, tmp_path)
+    release(leaked)
+    forget_registered()
+    shown = {name: os.fsdecode(b.backing) for name, b in leaked.items()}
+    assert not leaked, f"test left loop devices bound: {shown}"
 
 
 @pytest.fixture
@@ -117,5 +122,10 @@ def ctl(devices: None) -> Iterator[object]:
     control.close()
 
 
-def open_fds() -> set[str]:
-    return set(os.listdir("/proc/self/fd"))
+@pytest.fixture
+def child_procs() -> Iterator[list[subprocess.Popen[str]]]:
+    """Children registered here are killed and reaped even when the test fails."""
+    procs: list[subprocess.Popen[str]] = []
+    yield procs
+    for proc in procs:
+        reap(proc)

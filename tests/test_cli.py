@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import bound_under
 
 from loopdev import cli
 
@@ -51,18 +52,7 @@ def ok(*args: str) -> str:
 
 def mine(tmp_path: Path) -> list[str]:
     """Loop devices bound to a file below ``tmp_path`` (and nowhere else)."""
-    # Bytes, unlike conftest.bound_under: other processes' paths need not be UTF-8.
-    prefix = os.fsencode(f"{tmp_path}/")
-    found = []
-    for name in os.listdir("/sys/block"):
-        try:
-            with open(f"/sys/block/{name}/loop/backing_file", "rb") as f:
-                backing = f.read()
-        except OSError:
-            continue
-        if backing.startswith(prefix):
-            found.append(f"/dev/{name}")
-    return sorted(found)
+    return sorted(f"/dev/{name}" for name in bound_under(tmp_path))
 
 
 def make_file(path: Path, size: int = 16 << 20) -> Path:
