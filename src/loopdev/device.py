@@ -6,9 +6,6 @@ import errno
 import fcntl
 import os
 import stat
-from dataclasses import dataclass
-from types import TracebackType
-from typing import Literal, Union
 
 from loopdev import _engine, _native, nodes, partitions, sysfs
 from loopdev.errors import (
@@ -19,10 +16,17 @@ from loopdev.errors import (
     LoopError,
 )
 
-__all__ = ["DeviceInfo", "LoopDevice", "attach", "devices", "find", "open_device"]
+# Not typing.TYPE_CHECKING, nor dataclasses: importing either costs more at
+# run time than the rest of loopdev.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from types import TracebackType
+    from typing import Literal, TypeAlias
 
-Backing = Union[str, "os.PathLike[str]", int]
-DirectIO = bool | Literal["auto"]
+    Backing: TypeAlias = "str | os.PathLike[str] | int"
+    DirectIO: TypeAlias = "bool | Literal['auto']"
+
+__all__ = ["DeviceInfo", "LoopDevice", "attach", "devices", "find", "open_device"]
 
 _BLOCK_SIZES = (512, 1024, 2048, 4096)
 _DIO = {
@@ -31,10 +35,25 @@ _DIO = {
     True: _native.DIRECT_IO_REQUIRED,
 }
 
+_INFO_FIELDS = (
+    "name",
+    "minor",
+    "backing_file",
+    "offset",
+    "sizelimit",
+    "read_only",
+    "autoclear",
+    "partscan",
+    "direct_io",
+    "block_size",
+    "size",
+)
 
-@dataclass(frozen=True)
+
 class DeviceInfo:
-    """One bound loop device, read from sysfs (the backing path in full)."""
+    """One bound loop device, read from sysfs (the backing path in full). Read-only."""
+
+    __slots__ = _INFO_FIELDS
 
     name: str
     minor: int
@@ -47,6 +66,54 @@ class DeviceInfo:
     direct_io: bool
     block_size: int
     size: int
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        minor: int,
+        backing_file: str,
+        offset: int,
+        sizelimit: int,
+        read_only: bool,
+        autoclear: bool,
+        partscan: bool,
+        direct_io: bool,
+        block_size: int,
+        size: int,
+    ) -> None:
+        values: tuple[object, ...] = (name, minor, backing_file, offset, sizelimit, read_only)
+        values += (autoclear, partscan, direct_io, block_size, size)
+        for field, value in zip(_INFO_FIELDS, values, strict=True):
+            object.__setattr__(self, field, value)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"DeviceInfo is read-only: cannot set {name}")
+
+    def _values(self) -> tuple[object, ...]:
+        return (
+            self.name,
+            self.minor,
+            self.backing_file,
+            self.offset,
+            self.sizelimit,
+            self.read_only,
+            self.autoclear,
+            self.partscan,
+            self.direct_io,
+            self.block_size,
+            self.size,
+        )
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, DeviceInfo) and self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{f}={v!r}" for f, v in zip(_INFO_FIELDS, self._values(), strict=True))
+        return f"DeviceInfo({fields})"
 
     @property
     def path(self) -> str:
