@@ -11,11 +11,11 @@ truncates or skips too, with a warning on the ``loopdev`` logger.
 from __future__ import annotations
 
 import bisect
+import collections
 import logging
 import os
 import stat
 import time
-from typing import NamedTuple
 
 from loopdev import _native
 from loopdev.errors import LoopError
@@ -27,15 +27,27 @@ log = logging.getLogger("loopdev")
 SECTOR = 512  # sysfs start and size are in 512-byte sectors whatever the block size
 
 
-class PartitionDevice(NamedTuple):
+# typing.NamedTuple for the type checker only: importing typing at run time
+# costs more than the rest of loopdev (collections comes with logging anyway).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import NamedTuple
+
+    class _Fields(NamedTuple):
+        number: int
+        start: int
+        size: int
+        major: int
+        minor: int
+        name: str
+else:
+    _Fields = collections.namedtuple("_Fields", "number start size major minor name")
+
+
+class PartitionDevice(_Fields):
     """A registered partition: number, byte start and size, ``major:minor``, node."""
 
-    number: int
-    start: int
-    size: int
-    major: int
-    minor: int
-    name: str
+    __slots__ = ()
 
     @property
     def path(self) -> str:
