@@ -1,4 +1,7 @@
-"""The README's Python examples run as written, on a real device."""
+"""The README's examples run as written, on real devices: every Python block, and
+every shell block except the lines that install the package or run this suite
+(``pip ...``, ``python -m pytest ...``), which is what CI itself does first.
+"""
 
 from __future__ import annotations
 
@@ -6,25 +9,67 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from helpers import wait_unbound
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), re.S) if README.exists() else []
+TEXT = README.read_text() if README.exists() else ""
+PYTHON = re.findall(r"```python\n(.*?)```", TEXT, re.S)
+SHELL = re.findall(r"```sh\n(.*?)```", TEXT, re.S)
+SETUP = re.compile(r"^(pip |python -m pytest)")
 
 
-@pytest.mark.skipif(not BLOCKS, reason="README.md not beside the tests")
-@pytest.mark.parametrize("code", BLOCKS, ids=[f"block{i}" for i in range(len(BLOCKS))])
-def test_readme_example(
-    code: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, devices: None
-) -> None:
-    image = tmp_path / "disk.img"
-    with open(image, "wb") as f:
+def _gpt_image(path: Path) -> None:
+    with open(path, "wb") as f:
         f.truncate(16 << 20)
     sfdisk = shutil.which("sfdisk")
     if sfdisk:
         script = "label: gpt\nsize=4M\nsize=4M\n"
-        subprocess.run([sfdisk, "-q", str(image)], input=script, text=True, check=True)
+        subprocess.run([sfdisk, "-q", str(path)], input=script, text=True, check=True)
+
+
+@pytest.mark.skipif(not PYTHON, reason="README.md not beside the tests")
+@pytest.mark.parametrize("code", PYTHON, ids=[f"python{i}" for i in range(len(PYTHON))])
+def test_readme_python(
+    code: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, devices: None
+) -> None:
+    _gpt_image(tmp_path / "disk.img")
     monkeypatch.chdir(tmp_path)
     exec(compile("import os\n" + code, "README.md", "exec"), {"os": os})
+
+
+@pytest.mark.skipif(not SHELL, reason="README.md not beside the tests")
+@pytest.mark.parametrize("block", SHELL, ids=[f"sh{i}" for i in range(len(SHELL))])
+def test_readme_shell(block: str, tmp_path: Path, devices: None) -> None:
+    """Each block in a fresh directory, with this interpreter's ``loopdev`` and
+    ``python`` first on PATH; a non-zero status fails the test."""
+    lines = [line for line in block.splitlines() if not SETUP.match(line)]
+    if not any(line.strip() for line in lines):
+        pytest.skip("only installs or runs the tests")
+    bindir = os.path.dirname(sys.executable)
+    env = dict(os.environ, PATH=f"{bindir}:{os.environ.get('PATH', '')}")
+    try:
+        out = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", "\n".join(lines)],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == 0, f"exit {out.returncode}\n{out.stdout}\n{out.stderr}"
+    finally:
+        _detach_under(tmp_path)  # loopdev attach outlives its command
+    assert wait_unbound(str(tmp_path)) == []
+
+
+def _detach_under(directory: Path) -> None:
+    for image in directory.glob("*.img"):
+        subprocess.run(
+            [sys.executable, "-m", "loopdev", "detach", "--wait=5", str(image)],
+            capture_output=True,
+            check=False,
+        )
