@@ -77,15 +77,33 @@ static int64_t now_us(void)
     return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
 }
 
-/* Sleep with the caller's signal mask, or -EINTR as soon as a signal
- * arrives. ld_attach blocks signals while it works and lets them in only
- * here, atomically (ppoll), so one that came between two naps is not lost:
- * Ctrl-C ends the wait, and the caller returns to Python, which runs the
- * handler. */
-static int nap_us(long us, const sigset_t *mask)
+/* The caller's signal mask while ld_attach naps. From the first nap on,
+ * signals are blocked and let in only while sleeping, atomically (ppoll), so
+ * one that comes between two naps is not lost: Ctrl-C ends the wait, and the
+ * caller returns to Python, which runs the handler. The uncontended path
+ * sleeps never and pays no mask changes. */
+struct sigwait {
+    int blocked;
+    sigset_t mask;
+};
+
+static int nap_us(long us, struct sigwait *sw)
 {
     struct timespec ts = { us / 1000000, (us % 1000000) * 1000 };
-    return ppoll(NULL, 0, &ts, mask) < 0 && errno == EINTR ? -EINTR : 0;
+    if (!sw->blocked) {
+        sigset_t all;
+        sigfillset(&all);
+        pthread_sigmask(SIG_BLOCK, &all, &sw->mask);
+        sw->blocked = 1;
+    }
+    return ppoll(NULL, 0, &ts, &sw->mask) < 0 && errno == EINTR ? -EINTR : 0;
+}
+
+static void unblock(struct sigwait *sw)
+{
+    if (sw->blocked)
+        pthread_sigmask(SIG_SETMASK, &sw->mask, NULL);
+    sw->blocked = 0;
 }
 
 /* A sleep that must complete (nothing may be left half done). */
@@ -96,11 +114,12 @@ static void sleep_us(long us)
         ;
 }
 
+/* Different per call and per thread (the stack address), with no system call. */
 static unsigned jitter_seed(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (unsigned)ts.tv_nsec ^ ((unsigned)getpid() << 16) ^ (unsigned)(uintptr_t)&ts;
+    return (unsigned)ts.tv_nsec ^ (unsigned)((uintptr_t)&ts >> 4);
 }
 
 /* ---------------------------------------------------------------- ioctls */
@@ -545,23 +564,23 @@ static void register_atfork(void)
 /* Short jittered naps while another allocator holds the lock: it holds it
  * for one configure (tens of microseconds), so waiters must look again soon
  * to be served in about the order they came. */
-static int wait_turn(int *round, unsigned *seed, const sigset_t *mask)
+static int wait_turn(int *round, unsigned *seed, struct sigwait *sw)
 {
     long ceiling = 20L << (*round < 3 ? *round : 3);
     (*round)++;
-    return nap_us(ceiling / 2 + (long)(rand_r(seed) % (unsigned)ceiling), mask);
+    return nap_us(ceiling / 2 + (long)(rand_r(seed) % (unsigned)ceiling), sw);
 }
 
 /* 1 locked, 0 not (gave up, or flock unsupported), -EINTR. */
 static int flock_control(int ctl_fd, int64_t give_up, int *round, unsigned *seed,
-                         const sigset_t *mask)
+                         struct sigwait *sw)
 {
     while (flock(ctl_fd, LOCK_EX | LOCK_NB) < 0) {
         if (errno == EINTR)
             return -EINTR;
         if (errno != EWOULDBLOCK || now_us() > give_up)
             return 0;
-        if (wait_turn(round, seed, mask) < 0)
+        if (wait_turn(round, seed, sw) < 0)
             return -EINTR;
     }
     return 1;
@@ -569,17 +588,17 @@ static int flock_control(int ctl_fd, int64_t give_up, int *round, unsigned *seed
 
 /* Returns 1 locked, 0 gave up (go on without the lock), -EINTR. Past
  * give_up it only tries once. */
-static int lock_control(int ctl_fd, int64_t give_up, unsigned *seed, const sigset_t *mask)
+static int lock_control(int ctl_fd, int64_t give_up, unsigned *seed, struct sigwait *sw)
 {
     int round = 0, r;
     pthread_once(&atfork_once, register_atfork);
     while (pthread_mutex_trylock(&alloc_mutex) != 0) {
         if (now_us() > give_up)
             return 0;
-        if (wait_turn(&round, seed, mask) < 0)
+        if (wait_turn(&round, seed, sw) < 0)
             return -EINTR;
     }
-    r = flock_control(ctl_fd, give_up, &round, seed, mask);
+    r = flock_control(ctl_fd, give_up, &round, seed, sw);
     if (r <= 0)
         pthread_mutex_unlock(&alloc_mutex);
     return r;
@@ -599,7 +618,7 @@ static void unlock_control(int ctl_fd)
 struct attach_state {
     int64_t deadline;
     int64_t lock_give_up; /* patience for the loop-control lock, per call */
-    sigset_t sigmask;     /* the caller's, let in while napping */
+    struct sigwait sig;   /* the caller's signal mask, let in while napping */
     unsigned seed;
     int nskip;
     int skip[64];
@@ -648,7 +667,7 @@ static int skip_index(struct attach_state *s, int index)
 static int take_control(const struct ld_attach_req *req, struct ld_attach_res *res,
                         struct attach_state *s, struct attempt *a)
 {
-    int r = lock_control(req->ctl_fd, s->lock_give_up, &s->seed, &s->sigmask);
+    int r = lock_control(req->ctl_fd, s->lock_give_up, &s->seed, &s->sig);
     if (r < 0)
         return fail(res, LD_STAGE_INTERRUPTED, r);
     a->locked = r;
@@ -855,7 +874,7 @@ static int attempt_once(const struct ld_attach_req *req, struct ld_attach_res *r
 /* Contention backoff (as systemd does): a few immediate retries, then a
  * random sleep whose ceiling grows from 10 ms to 250 ms, so that competing
  * allocators stop meeting on the same minor. */
-static int backoff(int attempt, unsigned *seed, const sigset_t *mask)
+static int backoff(int attempt, unsigned *seed, struct sigwait *sw)
 {
     long ceiling_us;
     if (attempt <= 2)
@@ -863,7 +882,7 @@ static int backoff(int attempt, unsigned *seed, const sigset_t *mask)
     ceiling_us = 10000L << (attempt - 3 > 5 ? 5 : attempt - 3);
     if (ceiling_us > 250000L)
         ceiling_us = 250000L;
-    return nap_us(1000 + (long)(rand_r(seed) % ceiling_us), mask);
+    return nap_us(1000 + (long)(rand_r(seed) % ceiling_us), sw);
 }
 
 static int attach_loop(const struct ld_attach_req *req, struct ld_attach_res *res,
@@ -874,7 +893,7 @@ static int attach_loop(const struct ld_attach_req *req, struct ld_attach_res *re
         int r;
         if (attempt > 0) {
             res->retries++;
-            if (backoff(attempt, &s->seed, &s->sigmask) < 0)
+            if (backoff(attempt, &s->seed, &s->sig) < 0)
                 return fail(res, LD_STAGE_INTERRUPTED, -EINTR);
             if (now_us() > s->deadline)
                 break;
@@ -891,7 +910,6 @@ static int attach_loop(const struct ld_attach_req *req, struct ld_attach_res *re
 int ld_attach(const struct ld_attach_req *req, struct ld_attach_res *res)
 {
     struct attach_state s;
-    sigset_t all;
     int r;
 
     memset(&s, 0, sizeof(s));
@@ -901,10 +919,8 @@ int ld_attach(const struct ld_attach_req *req, struct ld_attach_res *res)
     memset(res, 0, sizeof(*res));
     res->fd = -1;
     res->index = -1;
-    sigfillset(&all);
-    pthread_sigmask(SIG_BLOCK, &all, &s.sigmask);
     r = attach_loop(req, res, &s);
-    pthread_sigmask(SIG_SETMASK, &s.sigmask, NULL);
+    unblock(&s.sig);
     return r;
 }
 
