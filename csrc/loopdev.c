@@ -746,8 +746,18 @@ static int check_node(const struct ld_attach_req *req, struct ld_attach_res *res
     return -ENODEV;
 }
 
+/* A device in rundown stays unusable for a while but keeps being the lowest
+ * free index: skip it for this call (LOOP_CTL_ADD gives another) instead of
+ * sleeping until it is free again. */
+static int skip_busy(struct ld_attach_res *res, struct attach_state *s, int index, int stage,
+                     int err)
+{
+    fail(res, stage, err);
+    return skip_index(s, index);
+}
+
 static int open_device(const struct ld_attach_req *req, struct ld_attach_res *res,
-                       struct attempt *a)
+                       struct attach_state *s, struct attempt *a)
 {
     char name[32];
     int r;
@@ -760,7 +770,9 @@ static int open_device(const struct ld_attach_req *req, struct ld_attach_res *re
          * rundown or being removed answers ENXIO, or ENOENT once its node is
          * gone: another process released it right after GET_FREE named it.
          * ENOENT for a device sysfs still has is a node that never existed. */
-        if (r == -ENXIO || (r == -ENOENT && !sysfs_has(a->index)))
+        if (r == -ENXIO)
+            return skip_busy(res, s, a->index, LD_STAGE_OPEN, r);
+        if (r == -ENOENT && !sysfs_has(a->index))
             return retry(res, LD_STAGE_OPEN, r);
         if (r != -ENOENT || !req->private_nodes)
             return fail(res, LD_STAGE_OPEN, r);
@@ -775,7 +787,7 @@ static int open_device(const struct ld_attach_req *req, struct ld_attach_res *re
     }
     r = ld_open_private(req->dev_dirfd, a->index, req->part_shift);
     if (r == -ENXIO)
-        return retry(res, LD_STAGE_OPEN, r);
+        return skip_busy(res, s, a->index, LD_STAGE_OPEN, r);
     if (r < 0)
         return fail(res, LD_STAGE_NODE, r);
     a->fd = r;
@@ -828,9 +840,10 @@ static int bind_device(const struct ld_attach_req *req, struct ld_attach_res *re
     /* EBUSY before anything was bound: another process bound this index
      * since GET_FREE, or pages of its previous file are still being released
      * (osbuild #177), or since 6.11 (commit 18048c1af783) its last opener
-     * has not closed it yet. All pass; another round picks a free device. */
+     * has not closed it yet. All pass, but not at once: skip this index for
+     * this call (another round gets another device) rather than sleep. */
     if (r == -EBUSY && (stage == LD_STAGE_CONFIGURE || stage == LD_STAGE_SET_FD))
-        return TRANSIENT;
+        return skip_index(s, a->index);
     return r;
 }
 
@@ -852,7 +865,7 @@ static int attempt_once(const struct ld_attach_req *req, struct ld_attach_res *r
     if (r == 0)
         r = pick_index(req, res, s, &a);
     if (r == 0)
-        r = open_device(req, res, &a);
+        r = open_device(req, res, s, &a);
     if (r == 0)
         r = run_hook(req, res, s, &a);
     if (r == 0)
