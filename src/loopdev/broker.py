@@ -285,33 +285,43 @@ def _is_loop_block(st: os.stat_result) -> bool:
 
 
 def _check_backing_fd(fd: int, policy: Policy) -> tuple[os.stat_result, bool]:
-    """The file's stat and whether its access mode forces read-only; refuses the wrong kinds."""
+    """The file's stat and whether its access mode forces read-only.
+
+    ``BackingFileError`` for a descriptor of the wrong kind, as ``attach()``
+    raises for a path of the wrong kind.
+    """
+    try:
+        path: str | None = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        path = None
+
+    def refuse(err: int, message: str) -> BackingFileError:
+        return BackingFileError(err, message, backing=path)
+
     try:
         st = os.fstat(fd)
         flags = fcntl.fcntl(fd, fcntl.F_GETFL)
     except OSError as exc:
-        raise _bad(f"descriptor unusable: {exc.strerror}") from None
+        raise refuse(exc.errno or errno.EBADF, "backing descriptor unusable") from None
     if flags & os.O_PATH:
         # An O_PATH descriptor needs no read permission on the file.
-        raise _bad("descriptor is O_PATH; open the file for reading")
+        raise refuse(errno.EBADF, "backing descriptor is O_PATH; open the file for reading")
     if stat.S_ISBLK(st.st_mode):
         if not policy.allow_block_devices:
-            raise Refusal(
-                "io.loopdev.BackingFileError",
-                errno=errno.EINVAL,
-                message="block devices are not allowed by the broker's policy "
+            raise refuse(
+                errno.EINVAL,
+                "block devices are not allowed by the broker's policy "
                 "(loopdev serve --allow-block-devices)",
-                device=None,
-                backing=None,
             )
         if _is_loop_block(st):
-            raise _bad("descriptor is a loop device or a partition of one")
+            raise refuse(errno.EINVAL, "backing file is a loop device or a partition of one")
+    elif stat.S_ISDIR(st.st_mode):
+        raise refuse(errno.EISDIR, "backing file is a directory")
     elif not stat.S_ISREG(st.st_mode):
-        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
-        raise _bad(f"descriptor is {kind}")
+        raise refuse(errno.EINVAL, "backing file is not a regular file")
     mode = flags & os.O_ACCMODE
     if mode == os.O_WRONLY:
-        raise _bad("descriptor is write-only; a loop device reads its file")
+        raise refuse(errno.EBADF, "backing descriptor is write-only; a loop device reads it")
     return st, mode == os.O_RDONLY
 
 
@@ -854,13 +864,34 @@ def serve(
     # The broker attaches itself; a LOOPDEV_BROKER in its environment would
     # send its own attach() back to a broker.
     os.environ.pop("LOOPDEV_BROKER", None)
-    listener = _activated_socket()
-    owned_path = None
-    if listener is None:
-        listener = listen(socket_path)
-        owned_path = (socket_path, os.stat(socket_path).st_ino)
     _raise_fd_limit()
     broker = Broker(policy, node_dir=node_dir, timeout=timeout)
+    try:
+        listener = _activated_socket()
+        where = "the socket from systemd"
+        if listener is None:
+            listener = listen(socket_path)
+            where = socket_path
+            ino = os.stat(socket_path).st_ino
+        try:
+            _stderr_log(
+                f"serving on {where}; users {sorted(policy.users)} groups "
+                f"{sorted(policy.groups)}, {policy.max_per_client} devices per client, "
+                f"{policy.max_devices} in total"
+            )
+            _accept_until_signal(listener, broker)
+        finally:
+            listener.close()
+            if where == socket_path:
+                _unlink_if_same(socket_path, ino)
+    finally:
+        broker.stop()
+        broker.close()
+    _stderr_log("stopped")
+    return 0
+
+
+def _accept_until_signal(listener: socket.socket, broker: Broker) -> None:
     wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
 
     def on_signal(signum: int, frame: object) -> None:
@@ -874,16 +905,11 @@ def serve(
     selector = selectors.DefaultSelector()
     selector.register(listener, selectors.EVENT_READ)
     selector.register(wake_r, selectors.EVENT_READ)
-    where = socket_path if owned_path else "the socket from systemd"
-    _stderr_log(
-        f"serving on {where}; users {sorted(policy.users)} groups {sorted(policy.groups)}, "
-        f"{policy.max_per_client} devices per client, {policy.max_devices} in total"
-    )
     try:
         while True:
             events = selector.select()
             if any(key.fileobj == wake_r for key, _ in events):
-                break
+                return
             try:
                 sock, _ = listener.accept()
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
@@ -896,17 +922,10 @@ def serve(
             broker.accept(sock)
     finally:
         selector.close()
-        listener.close()
-        if owned_path is not None:
-            _unlink_if_same(*owned_path)
-        broker.stop()
-        broker.close()
         for signum, handler in old.items():
             signal.signal(signum, handler)
         os.close(wake_r)
         os.close(wake_w)
-        _stderr_log("stopped")
-    return 0
 
 
 def _unlink_if_same(path: str, ino: int) -> None:
