@@ -107,9 +107,10 @@ class Connection:
         self.max_message = max_message
         self.max_fds = min(max_fds, SCM_MAX_FD)
         self.timeout = timeout
-        self._buf = bytearray()
-        self._fds: list[int] = []  # received with the message in progress
-        self._dropped = False
+        self._buf = bytearray()  # starts at a message boundary, holds no complete message
+        # Descriptors by message: 0 is the first message in _buf, 1 the next, ...
+        self._fds: dict[int, list[int]] = {}
+        self._dropped: set[int] = set()
         self._deadline = 0.0
 
     def receive(self, idle_timeout: float | None = None) -> Frame | None:
@@ -123,22 +124,13 @@ class Connection:
             if end >= 0:
                 if end > self.max_message:
                     raise ProtocolError(f"message larger than {self.max_message} bytes")
-                payload = bytes(self._buf[:end])
-                del self._buf[: end + 1]
-                fds, self._fds = self._fds, []
-                dropped, self._dropped = self._dropped, False
-                if self._buf:  # the next message began in the same read
-                    self._deadline = time.monotonic() + self.timeout
-                return Frame(payload, fds, dropped)
+                return self._take(end)
             if len(self._buf) > self.max_message:
                 raise ProtocolError(f"message larger than {self.max_message} bytes")
-            started = bool(self._buf or self._fds or self._dropped)
-            if started:
-                wait: float | None = self._deadline - time.monotonic()
-                if wait is not None and wait <= 0:
-                    raise ProtocolError(f"message not completed within {self.timeout:g} s")
-            else:
-                wait = idle_timeout
+            started = bool(self._buf)
+            wait = self._deadline - time.monotonic() if started else idle_timeout
+            if wait is not None and wait <= 0:
+                raise ProtocolError(f"message not completed within {self.timeout:g} s")
             self.sock.settimeout(wait)
             try:
                 data, ancdata, flags, _ = self.sock.recvmsg(
@@ -153,22 +145,41 @@ class Connection:
             except (ConnectionResetError, BrokenPipeError):
                 data, ancdata, flags = b"", [], 0
             fds = _fds_from(ancdata)
-            if not started and (data or fds):
-                self._deadline = time.monotonic() + self.timeout
-            if flags & socket.MSG_CTRUNC or len(self._fds) + len(fds) > self.max_fds:
-                # The kernel closed what did not fit; we close the rest.
-                close_fds(fds)
-                close_fds(self._fds)
-                self._fds = []
-                self._dropped = True
-            else:
-                self._fds.extend(fds)
             if not data:
-                if started or fds:
+                close_fds(fds)
+                if started:
                     self.discard()
                     raise ProtocolError("connection closed in the middle of a message")
                 return None
+            if not started:
+                self._deadline = time.monotonic() + self.timeout
+            if fds or flags & socket.MSG_CTRUNC:
+                # The kernel ends a read with the segment that carried
+                # descriptors, and a sender's segment starts with its message:
+                # they belong to the last message that starts in this read.
+                self._add_fds(data.count(b"\0", 0, len(data) - 1), fds, flags)
             self._buf += data
+
+    def _add_fds(self, message: int, fds: list[int], flags: int) -> None:
+        held = self._fds.setdefault(message, [])
+        if flags & socket.MSG_CTRUNC or len(held) + len(fds) > self.max_fds:
+            # The kernel closed what did not fit; we close the rest.
+            close_fds(fds + held)
+            held.clear()
+            self._dropped.add(message)
+        else:
+            held.extend(fds)
+
+    def _take(self, end: int) -> Frame:
+        payload = bytes(self._buf[:end])
+        del self._buf[: end + 1]
+        fds = self._fds.pop(0, [])
+        dropped = 0 in self._dropped
+        self._fds = {k - 1: v for k, v in self._fds.items()}
+        self._dropped = {k - 1 for k in self._dropped if k}
+        if self._buf:  # the next message began in the same read
+            self._deadline = time.monotonic() + self.timeout
+        return Frame(payload, fds, dropped)
 
     def send(self, message: Mapping[str, Any], fds: Sequence[int] = ()) -> None:
         """Send one message; ``fds`` go with its first byte. Raises ``ProtocolError``."""
@@ -185,9 +196,10 @@ class Connection:
             raise ProtocolError(f"send failed: {exc.strerror}") from None
 
     def discard(self) -> None:
-        """Close descriptors of a message that will never complete."""
-        close_fds(self._fds)
-        self._fds = []
+        """Close descriptors of messages that will never complete."""
+        for fds in self._fds.values():
+            close_fds(fds)
+        self._fds = {}
 
     def close(self) -> None:
         self.discard()
