@@ -245,6 +245,7 @@ class _Owned:
     pid: int
     conn: int
     read_only: bool
+    partscan: bool
 
 
 @dataclass
@@ -326,13 +327,24 @@ def _check_backing_fd(fd: int, policy: Policy) -> tuple[os.stat_result, bool]:
 
 
 def _device_json(owned: _Owned, fd_index: int | None = None) -> tuple[dict[str, Any], list[Any]]:
-    """The Device object of the interface, and the partitions it lists."""
+    """The Device object of the interface, and the partitions it lists.
+
+    ``fd_index`` (Attach): the caller's thread alone uses the device yet, so
+    its descriptor gives the size; List reads sysfs, as another connection's
+    thread may be closing that descriptor.
+    """
     dev = owned.dev
-    parts = dev.partitions
-    try:
-        size = int(_read_sysfs(dev.name, "size") or 0) * 512
-    except ValueError:
-        size = 0
+    # Partitions are handed over where the client asked for partscan. (A
+    # client that sets LO_FLAGS_PARTSCAN itself with LOOP_SET_STATUS gets
+    # kernel-scanned partitions it cannot open; detach deletes them.)
+    parts = dev.partitions if owned.partscan else []
+    if fd_index is not None:
+        size = os.lseek(dev.fd, 0, os.SEEK_END)
+    else:
+        try:
+            size = int(_read_sysfs(dev.name, "size") or 0) * 512
+        except ValueError:
+            size = 0
     device = {
         "name": dev.name,
         "diskseq": dev.diskseq,
@@ -681,7 +693,7 @@ class Broker:
             self._unreserve(peer.uid)
             raise
         detail.append(f"device={dev.name}{' ro' if read_only else ''}")
-        owned = _Owned(dev, peer.uid, peer.pid, conn_id, read_only)
+        owned = _Owned(dev, peer.uid, peer.pid, conn_id, read_only, bool(params["partscan"]))
         handed: list[int] = []
         try:
             device, parts = _device_json(owned, fd_index=0)
