@@ -279,6 +279,42 @@ time.sleep(3600)
     serving_as_nobody(space, server)
 
 
+def test_device_a_child_holds_is_released_at_its_last_close_and_counted_until_then(
+    space: Path, start: Callable[..., Server]
+) -> None:
+    server = start("--max-per-client", "1")
+    image = gpt_image(space / "child.img")
+    got = as_user(
+        """
+import subprocess
+dev = loopdev.attach(sys.argv[1], partscan=True)
+name, part = dev.name, dev.partitions[0]
+child = subprocess.Popen(["sleep", "1"], pass_fds=[dev.fd, part.fd])
+dev.close()  # the connection ends; the child still holds the device and a partition
+try:
+    loopdev.attach(sys.argv[1]).detach()
+    out(limited=False)
+except bc.LimitReached:
+    out(limited=True, name=name)
+child.wait()
+deadline = time.monotonic() + 2
+while True:
+    try:
+        loopdev.attach(sys.argv[1]).detach()
+        out(again=True)
+        break
+    except bc.LimitReached:
+        assert time.monotonic() < deadline, "still counted after the holder exited"
+        time.sleep(0.01)
+""",
+        str(image),
+        broker=server.socket,
+    )
+    assert got[0]["limited"] is True and got[1] == {"again": True}
+    assert poll(lambda: not bound_under(space) and not partitions_of(got[0]["name"]), 1)
+    assert "pending" in server.log_text()
+
+
 def serving_as_nobody(space: Path, server: Server) -> None:
     image = space / "ok.img"
     if not image.exists():
@@ -382,6 +418,28 @@ def test_total_limit(space: Path, start: Callable[..., Server]) -> None:
         for dev in devs:
             dev.detach()
     assert not bound_under(space)
+
+
+def test_connections_per_client_are_limited(space: Path, start: Callable[..., Server]) -> None:
+    server = start("--max-per-client", "2")  # 2 * 2 + 16 = 20 connections per user
+    baseline = server.settled_fds()
+    held = [raw_connect(server.socket) for _ in range(20)]
+    try:
+        for sock in held[:3]:
+            reply, _ = call(sock, "io.loopdev.List")
+            assert reply == {"parameters": {"devices": []}}
+        reply, _ = call(server.socket, "io.loopdev.List")  # the 21st
+        assert reply is not None and reply["error"] == "io.loopdev.LimitReached"
+        assert reply["parameters"]["limit"] == "connections"
+        assert reply["parameters"]["max"] == 20
+        # Other users still get in.
+        make_image(space / "ok.img")
+        serving_as_nobody(space, server)
+    finally:
+        for sock in held:
+            sock.close()
+    assert server.wait_fds(baseline) == baseline
+    serving(server)
 
 
 def test_client_cannot_see_or_detach_another_clients_devices(space: Path, server: Server) -> None:
