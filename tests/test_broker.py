@@ -10,10 +10,12 @@ of bad input, socket activation, SIGTERM, and 32 concurrent clients.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -152,6 +154,39 @@ out(after=dev.fd)
     assert data[p2 : p2 + 512] == b"P" * 512
     assert not bound_under(space)
     assert not list(Path("/dev").glob(".loopdev-broker.*/*")), "a node stayed in the directory"
+
+
+def test_a_child_program_formats_through_the_path(space: Path, server: Server) -> None:
+    mkfs = shutil.which("mkfs.ext4", path="/usr/sbin:/sbin:/usr/bin")
+    if mkfs is None:
+        pytest.skip("mkfs.ext4 (e2fsprogs) missing")
+    image = make_image(space / "fs.img", size=16 * MiB)
+    got = as_user(
+        """
+import subprocess
+with loopdev.attach(sys.argv[1]) as dev:
+    done = subprocess.run([sys.argv[2], "-q", "-F", dev.path], capture_output=True, text=True)
+    out(rc=done.returncode, err=done.stderr)
+""",
+        str(image),
+        mkfs,
+        broker=server.socket,
+    )
+    assert got == [{"rc": 0, "err": ""}]
+    assert image.read_bytes()[1024 + 0x38 : 1024 + 0x3A] == b"\x53\xef"  # ext4 magic
+
+
+def test_handed_over_inode_cannot_be_linked_even_by_root(space: Path, server: Server) -> None:
+    image = make_image(space / "link.img", owner=None)
+    with loopdev.attach(image, broker=server.socket) as dev:
+        libc = ctypes.CDLL(None, use_errno=True)
+        at_empty_path, at_fdcwd = 0x1000, -100
+        target = f"/dev/.loopdev-test-link-{os.getpid()}"
+        assert libc.linkat(dev.fd, b"", at_fdcwd, target.encode(), at_empty_path) == -1
+        assert ctypes.get_errno() == errno.ENOENT  # no links: the kernel refuses
+        with pytest.raises(OSError):
+            os.link(dev.path, target, follow_symlinks=True)
+        assert not os.path.exists(target)
 
 
 def test_file_the_client_cannot_open_is_refused_in_the_client(space: Path, server: Server) -> None:

@@ -730,8 +730,8 @@ class Broker:
         finally:
             os.unlink(name, dir_fd=self._node_dir)
         try:
+            os.fchmod(fd, 0o400 if read_only else 0o600)  # while root owns it
             os.fchown(fd, peer.uid, peer.gid)
-            os.fchmod(fd, 0o400 if read_only else 0o600)
         except BaseException:
             os.close(fd)
             raise
