@@ -433,10 +433,17 @@ class Broker:
         thread = threading.Thread(
             target=self._serve_connection, args=(conn_id, sock, peer), daemon=True
         )
-        with self._lock:
+        with self._lock:  # listed before it starts, so that stop() waits for it
             self._threads = [t for t in self._threads if t.is_alive()]
             self._threads.append(thread)
-        thread.start()
+        try:
+            thread.start()
+        except RuntimeError as exc:  # no more threads: refuse this one, keep serving
+            self._log(f"uid={peer.uid} pid={peer.pid} connect -> refused ({exc})")
+            with self._lock:
+                self._threads.remove(thread)
+            sock.close()
+            self._disconnect(conn_id, peer)
 
     def _count_connection(self, uid: int) -> Refusal | None:
         """Count a new connection of ``uid``; a refusal when over a limit."""
@@ -483,6 +490,8 @@ class Broker:
         except Exception:  # a bug: the connection ends, the server carries on
             self._log(f"uid={peer.uid} pid={peer.pid} internal error: {traceback.format_exc()!r}")
         finally:
+            with self._lock:
+                self._socks.pop(conn_id, None)
             conn.close()
             self._disconnect(conn_id, peer)
 
@@ -502,7 +511,7 @@ class Broker:
             mine = [(n, o) for n, o in self._owned.items() if o.conn == conn_id]
             for name, _ in mine:
                 del self._owned[name]
-            self._socks.pop(conn_id, None)
+            self._socks.pop(conn_id, None)  # if it never got to serve
             self._connections[peer.uid] -= 1
             if not self._connections[peer.uid]:
                 del self._connections[peer.uid]
@@ -771,13 +780,13 @@ class Broker:
         """End every connection (their devices are released) and wait for the threads."""
         self._stopping.set()
         with self._lock:
-            socks = list(self._socks.values())
+            # Under the lock: a thread removes its socket here before closing it.
+            for sock in self._socks.values():
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
             threads = list(self._threads)
-        for sock in socks:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
         deadline = time.monotonic() + MAX_DETACH_TIMEOUT + 5
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
@@ -805,8 +814,11 @@ _log_lock = threading.Lock()
 
 def _stderr_log(line: str) -> None:
     with _log_lock:
-        sys.stderr.write(f"loopdev serve: {line}\n")
-        sys.stderr.flush()
+        try:
+            sys.stderr.write(f"loopdev serve: {line}\n")
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass  # a lost log line must not take a request down with it
 
 
 # --- the listening socket ---------------------------------------------------------
