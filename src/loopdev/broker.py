@@ -20,6 +20,7 @@ import errno
 import fcntl
 import itertools
 import os
+import queue
 import resource
 import selectors
 import signal
@@ -56,6 +57,8 @@ MAX_MESSAGE = 65536  # requests are small; a larger one is refused and ends the 
 MAX_FDS = 8  # per request; Attach needs one
 MAX_CONNECTIONS = 1024
 MAX_DETACH_TIMEOUT = 10.0
+IDLE_WORKERS = 16  # threads kept waiting for the next connection
+IDLE_WORKER_SECONDS = 60.0
 LOOP_MAJOR = 7
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux 4.13; not in Python's socket
 
@@ -368,6 +371,9 @@ def _device_json(owned: _Owned, fd_index: int | None = None) -> tuple[dict[str, 
     return device, parts
 
 
+_Job = tuple[int, socket.socket, Peer]  # connection id, socket, peer
+
+
 class Broker:
     """The server's state: policy, devices by connection, limits, the node directory."""
 
@@ -393,6 +399,8 @@ class Broker:
         self._conn_ids = itertools.count(1)
         self._node_ids = itertools.count(1)
         self._stopping = threading.Event()
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._idle = 0  # workers waiting on _jobs, not yet claimed
         if os.statvfs(node_dir).f_flag & os.ST_NODEV:
             raise LoopError(
                 errno.EACCES,
@@ -430,9 +438,13 @@ class Broker:
         with self._lock:
             conn_id = next(self._conn_ids)
             self._socks[conn_id] = sock
-        thread = threading.Thread(
-            target=self._serve_connection, args=(conn_id, sock, peer), daemon=True
-        )
+            idle = self._idle > 0
+            if idle:
+                self._idle -= 1  # claimed: that worker takes the next job
+        if idle:
+            self._jobs.put((conn_id, sock, peer))
+            return
+        thread = threading.Thread(target=self._worker, args=((conn_id, sock, peer),), daemon=True)
         with self._lock:  # listed before it starts, so that stop() waits for it
             self._threads = [t for t in self._threads if t.is_alive()]
             self._threads.append(thread)
@@ -442,8 +454,30 @@ class Broker:
             self._log(f"uid={peer.uid} pid={peer.pid} connect -> refused ({exc})")
             with self._lock:
                 self._threads.remove(thread)
+                self._socks.pop(conn_id, None)
             sock.close()
             self._disconnect(conn_id, peer)
+
+    def _worker(self, job: _Job | None) -> None:
+        """Serve connections; between them wait a while as an idle worker.
+
+        Starting a thread costs more than a whole List request; a few idle
+        workers take new connections at once.
+        """
+        while job is not None:
+            self._serve_connection(*job)
+            with self._lock:
+                if self._stopping.is_set() or self._idle >= IDLE_WORKERS:
+                    return
+                self._idle += 1
+            try:
+                job = self._jobs.get(timeout=IDLE_WORKER_SECONDS)
+            except queue.Empty:
+                with self._lock:
+                    if self._idle > 0:  # not claimed: leave
+                        self._idle -= 1
+                        return
+                job = self._jobs.get()  # claimed while we timed out: the job is coming
 
     def _count_connection(self, uid: int) -> Refusal | None:
         """Count a new connection of ``uid``; a refusal when over a limit."""
@@ -787,6 +821,9 @@ class Broker:
                 except OSError:
                     pass
             threads = list(self._threads)
+            for _ in range(self._idle):
+                self._jobs.put(None)
+            self._idle = 0
         deadline = time.monotonic() + MAX_DETACH_TIMEOUT + 5
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
