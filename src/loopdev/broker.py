@@ -251,7 +251,7 @@ class _Owned:
     partscan: bool
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: each is one attachment
 class _Draining:
     """A device its owner let go of that the kernel has not released yet."""
 
@@ -542,42 +542,48 @@ class Broker:
     def _disconnect(self, conn_id: int, peer: Peer) -> None:
         """The connection is gone: release its devices without waiting for other holders."""
         with self._lock:
-            mine = [(n, o) for n, o in self._owned.items() if o.conn == conn_id]
-            for name, _ in mine:
-                del self._owned[name]
+            mine = [(o, self._let_go(o)) for o in list(self._owned.values()) if o.conn == conn_id]
             self._socks.pop(conn_id, None)  # if it never got to serve
             self._connections[peer.uid] -= 1
             if not self._connections[peer.uid]:
                 del self._connections[peer.uid]
-        outcomes = [self._release(o, 0.0) for _, o in mine]
+        outcomes = [f"{o.dev.name}:{self._release(o, entry)}" for o, entry in mine]
         if mine:
-            names = ",".join(f"{n}:{how}" for (n, _), how in zip(mine, outcomes, strict=True))
-            self._log(f"uid={peer.uid} pid={peer.pid} disconnect released {names}")
+            self._log(f"uid={peer.uid} pid={peer.pid} disconnect released {','.join(outcomes)}")
 
-    def _release(self, owned: _Owned, timeout: float) -> str:
-        """Detach ``owned.dev`` (already out of ``_owned``); what happened, in one word.
+    def _let_go(self, owned: _Owned) -> _Draining:
+        """Under the lock: move a device from owned to draining, so that it stays counted."""
+        self._owned.pop(owned.dev.name, None)
+        entry = _Draining(owned.uid, owned.dev.name, owned.dev.diskseq)
+        self._draining.append(entry)
+        return entry
+
+    def _release(self, owned: _Owned, entry: _Draining) -> str:
+        """Detach a device already let go of; what happened, in one word.
 
         A client's descriptors may outlive its connection (a child holds
         them, or the kernel is still closing a killed process's files): then
         the device is cleared and our descriptor closed, so autoclear
-        releases it at the holder's last close, and it stays counted against
-        its owner until then.
+        releases it at the holder's last close, and ``entry`` keeps it
+        counted against its owner until then.
         """
         dev = owned.dev
         if dev.fd >= 0:
             try:
-                dev.detach(timeout=timeout)
-                return "released"
+                dev.detach(timeout=0.0)
             except OSError:
-                # DeviceBusy (a partition held, or the device after timeout), or
-                # the client cleared it with its own descriptor: close ours.
+                # DeviceBusy (a partition held, or another holder), or the
+                # client cleared it with its own descriptor: close ours.
                 dev.close()
-        entry = _Draining(owned.uid, dev.name, dev.diskseq)
-        if not _still_bound(entry):
-            return "released"
+        if _still_bound(entry):
+            return "pending"
+        self._forget(entry)
+        return "released"
+
+    def _forget(self, entry: _Draining) -> None:
         with self._lock:
-            self._draining.append(entry)
-        return "pending"
+            if entry in self._draining:
+                self._draining.remove(entry)
 
     # --- requests -----------------------------------------------------------------
 
@@ -745,8 +751,10 @@ class Broker:
                 handed.append(self._hand_over(part.major, part.minor, peer, read_only))
         except BaseException:
             _varlink.close_fds(handed)
-            self._release(owned, 0.0)
-            self._unreserve(peer.uid)
+            with self._lock:
+                entry = self._let_go(owned)
+                self._unreserve_locked(peer.uid)
+            self._release(owned, entry)
             raise
         with self._lock:
             self._owned[dev.name] = owned
@@ -791,7 +799,7 @@ class Broker:
             owned = self._owned.get(name)
             if owned is None or owned.conn != conn_id:
                 raise Refusal("io.loopdev.NoSuchDevice", name=name)
-            del self._owned[name]
+            entry = self._let_go(owned)
         dev = owned.dev
         try:
             dev.detach(timeout=timeout)
@@ -799,13 +807,15 @@ class Broker:
             if dev.fd >= 0:
                 # A partition is held: nothing changed, the device stays ours.
                 with self._lock:
+                    self._draining.remove(entry)
                     self._owned[name] = owned
                 raise
-            self._release(owned, 0.0)  # cleared; counted until the holder lets go
+            self._release(owned, entry)  # cleared; counted until the holder lets go
             raise
         except OSError:
-            self._release(owned, 0.0)
+            self._release(owned, entry)
             raise
+        self._forget(entry)
         return {}
 
     # --- life cycle ---------------------------------------------------------------
