@@ -28,7 +28,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 
@@ -39,32 +38,37 @@ except ImportError as exc:
     sys.exit(f"bench_broker: cannot import loopdev ({exc}); pip install the package first")
 
 
-def start_server(directory: str) -> tuple[subprocess.Popen[bytes], str]:
-    """The broker, its log lines read from a pipe as journald would (not a file)."""
+def start_server(directory: str) -> tuple[list[subprocess.Popen[bytes]], str]:
+    """The broker; its log goes through a pipe to another process, as to journald."""
     path = os.path.join(directory, "broker.sock")
+    log_path = os.path.join(directory, "broker.log")
     env = {k: v for k, v in os.environ.items() if k != "LOOPDEV_BROKER"}
+    with open(log_path, "wb") as log:
+        sink = subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=log)
+    assert sink.stdin is not None
     proc = subprocess.Popen(
-        [sys.executable, "-m", "loopdev", "serve", "--socket", path],
-        stderr=subprocess.PIPE,
-        env=env,
+        [sys.executable, "-m", "loopdev", "serve", "--socket", path], stderr=sink.stdin, env=env
     )
-    lines: list[bytes] = []
-    assert proc.stderr is not None
-    threading.Thread(target=lambda: lines.extend(proc.stderr or []), daemon=True).start()
+    sink.stdin.close()  # cat ends when the broker does
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            sys.exit(f"bench_broker: the broker exited: {b''.join(lines).decode()}")
+            sink.wait()
+            sys.exit(f"bench_broker: the broker exited: {open(log_path).read()}")
         try:
             broker_client.list_devices(path)
-            return proc, path
+            return [proc, sink], path
         except OSError:
             time.sleep(0.02)
     proc.kill()
+    proc.wait()
+    sink.wait()
     sys.exit("bench_broker: the broker did not start")
 
 
-def stop_server(proc: subprocess.Popen[bytes]) -> None:
+def stop_server(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM to the broker; then its log reader ends by itself."""
+    proc, sink = procs
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -72,6 +76,7 @@ def stop_server(proc: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+    sink.wait()
 
 
 def timed(cycle: Callable[[], None]) -> float:
@@ -90,12 +95,12 @@ def main() -> int:
         sys.exit("bench_broker: run as root (the broker and the direct attach need it)")
 
     directory = tempfile.mkdtemp(prefix="loopdev-bench-broker.")
-    proc = None
+    procs = None
     try:
         image = os.path.join(directory, "disk.img")
         with open(image, "wb") as f:
             f.truncate(1 << 20)
-        proc, sock = start_server(directory)
+        procs, sock = start_server(directory)
 
         def direct() -> None:
             loopdev.attach(image, broker="").detach()
@@ -119,19 +124,19 @@ def main() -> int:
             for name in names[i % len(names) :] + names[: i % len(names)]:
                 results[name].append(timed(scenarios[name]))
     finally:
-        if proc is not None:
-            stop_server(proc)
+        if procs is not None:
+            stop_server(procs)
         shutil.rmtree(directory, ignore_errors=True)
 
     def p90(values: list[float]) -> float:
         return statistics.quantiles(values, n=10)[-1]
 
-    direct = results["direct attach+detach"]
-    base = statistics.median(direct)
+    direct_times = results["direct attach+detach"]
+    base = statistics.median(direct_times)
     rows = []
     for name, values in results.items():
         median = statistics.median(values)
-        added = statistics.median(v - d for v, d in zip(values, direct, strict=True))
+        added = statistics.median(v - d for v, d in zip(values, direct_times, strict=True))
         rows.append(
             {
                 "scenario": name,
