@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from typing import Any
 
 try:
     import loopdev
@@ -133,7 +134,7 @@ def main() -> int:
 
     direct_times = results["direct attach+detach"]
     base = statistics.median(direct_times)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, values in results.items():
         median = statistics.median(values)
         added = statistics.median(v - d for v, d in zip(values, direct_times, strict=True))
@@ -152,10 +153,10 @@ def main() -> int:
     print(f"{args.rounds} rounds x {args.cycles} cycles, medians (kernel {os.uname().release})")
     print(f"{'scenario':<26} {'median':>10} {'p90':>10} {'x direct':>9} {'added':>10}")
     for row in rows:
-        added = f"{row['added_us']:.0f} us" if row["scenario"].endswith("detach") else ""
+        shown = f"{row['added_us']:.0f} us" if row["scenario"].endswith("detach") else ""
         print(
             f"{row['scenario']:<26} {row['median_us']:>7.0f} us {row['p90_us']:>7.0f} us "
-            f"{row['x_direct']:>9.2f} {added:>10}"
+            f"{row['x_direct']:>9.2f} {shown:>10}"
         )
     return 0
 
