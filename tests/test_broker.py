@@ -951,6 +951,26 @@ d.detach()
     assert rows[0]["back-file"] == str(image)
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--allow-user", "no-such-user-here"],
+        ["--allow-group", "no-such-group-here"],
+        ["--max-per-client", "0"],
+        ["--max-devices", "-3"],
+        ["--timeout", "nan"],
+    ],
+)
+def test_serve_usage_errors(args: list[str]) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "loopdev", "serve", "--socket", "/nonexistent/x.sock", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2 and "error: argument" in done.stderr, done.stderr
+
+
 def test_interface_file_is_what_the_server_describes() -> None:
     assert (ROOT / "docs" / "io.loopdev.varlink").read_text() == broker.INTERFACE
 
