@@ -173,10 +173,13 @@ class Connection:
     def _take(self, end: int) -> Frame:
         payload = bytes(self._buf[:end])
         del self._buf[: end + 1]
-        fds = self._fds.pop(0, [])
-        dropped = 0 in self._dropped
-        self._fds = {k - 1: v for k, v in self._fds.items()}
-        self._dropped = {k - 1 for k in self._dropped if k}
+        fds: list[int] = []
+        dropped = False
+        if self._fds or self._dropped:
+            fds = self._fds.pop(0, [])
+            dropped = 0 in self._dropped
+            self._fds = {k - 1: v for k, v in self._fds.items()}
+            self._dropped = {k - 1 for k in self._dropped if k}
         if self._buf:  # the next message began in the same read
             self._deadline = time.monotonic() + self.timeout
         return Frame(payload, fds, dropped)

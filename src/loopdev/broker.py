@@ -209,8 +209,11 @@ class Peer:
     groups: frozenset[int]
 
 
-def peer_of(sock: socket.socket) -> Peer:
+def peer_of(sock: socket.socket, groups_too: bool = True) -> Peer:
+    """The peer's credentials as the kernel recorded them at connect."""
     pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    if not groups_too:
+        return Peer(pid, uid, gid, frozenset({gid}))
     try:
         raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 1024)
         groups = frozenset(struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4]))
@@ -598,7 +601,8 @@ class Broker:
         method = "?"
         detail: list[str] = []
         try:
-            peer = peer_of(sock)  # on every request, not only at connect
+            # On every request, not only at connect; groups only where the policy has any.
+            peer = peer_of(sock, groups_too=bool(self.policy.groups))
         except OSError:
             _varlink.close_fds(frame.fds)
             return None, []
