@@ -385,6 +385,11 @@ def cmd_list(args: argparse.Namespace) -> int:
     from loopdev.device import devices
 
     infos = _sysfs_retry(devices)
+    if args.broker is not None:
+        from loopdev.broker_client import list_devices
+
+        names = {d.get("name") for d in list_devices(args.broker)}
+        infos = [i for i in infos if i.name in names]
     if args.device is not None:
         name = _device_arg(args.device)
         infos = [i for i in infos if i.name == name]
@@ -516,6 +521,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("list", cmd_list, "show bound devices (losetup -l)")
     p.add_argument("-J", "--json", action="store_true", help="as losetup -J -l")
     p.add_argument("device", nargs="?", metavar="DEVICE")
+    p.add_argument(
+        "--broker",
+        metavar="PATH",
+        help="only the devices that the broker at socket PATH holds for this user",
+    )
 
     p = command("find", cmd_find, "print the devices backed by FILE, one path a line (losetup -j)")
     p.add_argument(
@@ -530,7 +540,120 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("resize", cmd_resize, "re-read the backing file's size (losetup -c)")
     p.add_argument("device", metavar="DEVICE")
+    _serve_arguments(command("serve", cmd_serve, "serve loop devices to other users (root)"))
     return parser
+
+
+# --- serve -------------------------------------------------------------------------
+
+
+def _positive(kind: Callable[[str], _T]) -> Callable[[str], _T]:
+    def parse(text: str) -> _T:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not value > 0:  # type: ignore[operator]
+            raise argparse.ArgumentTypeError(f"invalid value {text!r} (a positive number)")
+        return value
+
+    return parse
+
+
+def _user_id(text: str) -> int:
+    import pwd
+
+    try:
+        return int(text) if text.isdigit() else pwd.getpwnam(text).pw_uid
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"no such user: {text}") from None
+
+
+def _group_id(text: str) -> int:
+    import grp
+
+    try:
+        return int(text) if text.isdigit() else grp.getgrnam(text).gr_gid
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"no such group: {text}") from None
+
+
+def _serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--socket",
+        metavar="PATH",
+        help="listen on PATH (default /run/loopdev/broker.sock; "
+        "a socket passed by systemd socket activation comes first)",
+    )
+    p.add_argument(
+        "--allow-user",
+        action="append",
+        type=_user_id,
+        default=[],
+        metavar="USER|UID",
+        help="let this user attach devices (repeatable; root always may)",
+    )
+    p.add_argument(
+        "--allow-group",
+        action="append",
+        type=_group_id,
+        default=[],
+        metavar="GROUP|GID",
+        help="let members of this group attach devices (repeatable)",
+    )
+    p.add_argument(
+        "--max-per-client",
+        type=_positive(int),
+        default=16,
+        metavar="N",
+        help="devices one user may hold at once (default 16)",
+    )
+    p.add_argument(
+        "--max-devices",
+        type=_positive(int),
+        default=256,
+        metavar="N",
+        help="devices the broker holds at once in total (default 256)",
+    )
+    p.add_argument(
+        "--allow-block-devices",
+        action="store_true",
+        help="accept block devices as backing files, not only regular files",
+    )
+    p.add_argument(
+        "--node-dir",
+        default="/dev",
+        metavar="DIR",
+        help="where the private directory for handing over nodes is made; "
+        "its file system must allow devices (not nodev) (default /dev)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=_positive(float),
+        default=10.0,
+        metavar="SECONDS",
+        help="a request must arrive within SECONDS once started; a connection "
+        "holding no device is closed after SECONDS idle (default 10)",
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the broker until SIGTERM (see docs/BROKER.md)."""
+    from loopdev import broker
+
+    policy = broker.Policy(
+        users=frozenset(args.allow_user),
+        groups=frozenset(args.allow_group),
+        max_per_client=args.max_per_client,
+        max_devices=args.max_devices,
+        allow_block_devices=args.allow_block_devices,
+    )
+    return broker.serve(
+        policy,
+        socket_path=args.socket or broker.DEFAULT_SOCKET,
+        node_dir=args.node_dir,
+        timeout=args.timeout,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

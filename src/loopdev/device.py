@@ -438,14 +438,36 @@ def attach(
     lock: bool = False,
     node_dir: str | os.PathLike[str] | None = None,
     node_mode: int = 0o600,
+    broker: str | None = None,
 ) -> LoopDevice:
     """Attach ``backing`` (a path or an open fd) to a free loop device.
 
     ``partscan`` registers the image's partitions (the kernel's scan, or
     loopdev's where the kernel finds none). ``direct_io="auto"`` uses direct
     I/O where the file supports it. ``node_dir`` gets private block nodes for
-    the device and its partitions, removed on detach.
+    the device and its partitions, removed on detach. ``broker`` (default:
+    ``LOOPDEV_BROKER`` from the environment; "" for none) asks the
+    ``loopdev serve`` socket at that path instead, which needs no root.
     """
+    if broker is None:
+        broker = os.environ.get("LOOPDEV_BROKER")
+    if broker:
+        from loopdev import broker_client
+
+        return broker_client.attach(
+            backing,
+            broker=broker,
+            offset=offset,
+            sizelimit=sizelimit,
+            read_only=read_only,
+            partscan=partscan,
+            direct_io=direct_io,
+            block_size=block_size,
+            autoclear=autoclear,
+            lock=lock,
+            node_dir=node_dir,
+            node_mode=node_mode,
+        )
     where = None if isinstance(backing, int) else os.fspath(backing)
     _validate(offset, sizelimit, block_size, direct_io, where)
     if node_dir is not None and not os.path.isdir(node_dir):

@@ -1,0 +1,353 @@
+"""The client side of ``loopdev serve``: loop devices without root.
+
+``loopdev.attach(..., broker=PATH)`` (or ``LOOPDEV_BROKER=PATH`` in the
+environment) lands here. The backing file is opened by this process, with
+its own permissions, and sent to the broker as a descriptor. The device
+comes back as descriptors: ``LoopDevice.fd``, and ``path`` =
+``/proc/PID/fd/N``, which this process and other processes of the same user
+can open. Each device has its own connection; closing it (``detach()``,
+``close()``, or the process ending) releases the device.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+from collections.abc import Sequence
+from typing import Any
+
+from loopdev import _varlink
+from loopdev.device import Backing, DirectIO, LoopDevice
+from loopdev.errors import (
+    BackingFileError,
+    ConfigureError,
+    DeviceBusy,
+    LoopError,
+    NoFreeDevice,
+    PartitionTableError,
+    UnsupportedByKernel,
+)
+from loopdev.partitions import PartitionDevice
+
+__all__ = [
+    "BadRequest",
+    "BrokerDevice",
+    "BrokerError",
+    "BrokerPartition",
+    "LimitReached",
+    "PermissionDenied",
+    "attach",
+    "call",
+    "connect",
+    "list_devices",
+]
+
+MAX_REPLY = 16 << 20  # a List of many devices with many partitions
+REPLY_TIMEOUT = 120.0  # an attach may retry for 30 s, a detach waits 10 s
+READ_TIMEOUT = 10.0  # once a reply started
+
+
+class BrokerError(LoopError):
+    """The broker refused the request, failed, or could not be reached."""
+
+
+class PermissionDenied(BrokerError, PermissionError):
+    """The broker's policy does not allow this user."""
+
+
+class LimitReached(BrokerError, NoFreeDevice):
+    """A limit of the broker (per client, total, connections) is reached; nothing attached."""
+
+
+class BadRequest(BrokerError):
+    """The broker did not understand the request (a client or version mismatch)."""
+
+
+_LOOP_ERRORS: dict[str, type[LoopError]] = {
+    cls.__name__: cls
+    for cls in (
+        BackingFileError,
+        ConfigureError,
+        NoFreeDevice,
+        DeviceBusy,
+        UnsupportedByKernel,
+        LoopError,
+    )
+}
+
+
+def _error(name: object, parameters: object) -> LoopError:
+    """The exception for a Varlink error reply."""
+    params: dict[str, Any] = parameters if isinstance(parameters, dict) else {}
+    message = params.get("message")
+    text = message if isinstance(message, str) else f"{name}: {params}"
+    device = params.get("device") if isinstance(params.get("device"), str) else None
+    backing = params.get("backing") if isinstance(params.get("backing"), str) else None
+    short = name.rpartition(".")[2] if isinstance(name, str) else ""
+    if name == "io.loopdev.PermissionDenied":
+        return PermissionDenied(errno.EACCES, text)
+    if name == "io.loopdev.LimitReached":
+        return LimitReached(errno.EDQUOT, text)
+    if name == "io.loopdev.NoSuchDevice":
+        return BrokerError(errno.ENXIO, "not a device of this connection", device=device)
+    if name == "io.loopdev.PartitionTableError":
+        return PartitionTableError(text, device=device, backing=backing)
+    if isinstance(name, str) and name.startswith("io.loopdev.") and short in _LOOP_ERRORS:
+        err = params.get("errno")
+        code = err if type(err) is int and err > 0 else errno.EIO
+        return _LOOP_ERRORS[short](code, text, device=device, backing=backing)
+    if name == "io.loopdev.BadRequest" or str(name).startswith("org.varlink.service."):
+        return BadRequest(errno.EPROTO, f"the broker refused the request: {text}")
+    return BrokerError(errno.EPROTO, f"the broker failed: {text}")
+
+
+def connect(path: str) -> _varlink.Connection:
+    """A connection to the broker at ``path``; ``BrokerError`` if there is none."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.connect(path)
+    except OSError as exc:
+        sock.close()
+        raise BrokerError(
+            exc.errno or errno.ECONNREFUSED,
+            "cannot connect to the loopdev broker (is `loopdev serve` running?)",
+            backing=path,
+        ) from None
+    return _varlink.Connection(
+        sock, max_message=MAX_REPLY, max_fds=_varlink.SCM_MAX_FD, timeout=READ_TIMEOUT
+    )
+
+
+def call(
+    conn: _varlink.Connection,
+    method: str,
+    parameters: dict[str, Any],
+    fds: Sequence[int] = (),
+) -> tuple[dict[str, Any], list[int]]:
+    """One call: the reply's parameters and the descriptors that came with it (ours to close)."""
+    try:
+        conn.send({"method": method, "parameters": parameters}, fds)
+        frame = conn.receive(idle_timeout=REPLY_TIMEOUT)
+    except (_varlink.ProtocolError, _varlink.IdleTimeout, OSError) as exc:
+        raise BrokerError(errno.EPROTO, f"no reply from the loopdev broker: {exc}") from None
+    if frame is None:
+        raise BrokerError(errno.ECONNRESET, "the loopdev broker closed the connection")
+    try:
+        reply = _parse(frame)
+    except BaseException:
+        _varlink.close_fds(frame.fds)
+        raise
+    if "error" in reply:
+        _varlink.close_fds(frame.fds)
+        raise _error(reply["error"], reply.get("parameters"))
+    params = reply.get("parameters", {})
+    if not isinstance(params, dict):
+        _varlink.close_fds(frame.fds)
+        raise BrokerError(errno.EPROTO, "malformed reply from the loopdev broker")
+    return params, frame.fds
+
+
+def _parse(frame: _varlink.Frame) -> dict[str, Any]:
+    import json
+
+    try:
+        reply = json.loads(frame.payload)
+    except ValueError:
+        reply = None
+    if not isinstance(reply, dict):
+        raise BrokerError(errno.EPROTO, "malformed reply from the loopdev broker")
+    return reply
+
+
+class BrokerPartition(PartitionDevice):
+    """A partition handed over by the broker; ``path`` reopens our descriptor of it."""
+
+    _fd: int
+
+    @classmethod
+    def from_reply(cls, entry: dict[str, Any], fd: int) -> BrokerPartition:
+        part = cls(
+            number=entry["number"],
+            start=entry["start"],
+            size=entry["size"],
+            major=entry["major"],
+            minor=entry["minor"],
+            name=entry["name"],
+        )
+        part._fd = fd
+        return part
+
+    @property
+    def fd(self) -> int:
+        return self._fd
+
+    @property
+    def path(self) -> str:
+        return f"/proc/{os.getpid()}/fd/{self._fd}"
+
+
+class BrokerDevice(LoopDevice):
+    """A device attached by the broker: ``fd`` and ``path`` work for this user.
+
+    ``detach()`` asks the broker to release it and waits; ``close()`` (or the
+    process ending) lets the broker release it without waiting.
+    """
+
+    def __init__(self, conn: _varlink.Connection, device: dict[str, Any], fds: list[int]) -> None:
+        name = device["name"]
+        super().__init__(int(name[4:]), fds[device["fd"]], owned=True)
+        self.path = f"/proc/{os.getpid()}/fd/{self._fd}"
+        self.read_only: bool = device["read_only"]
+        self._conn: _varlink.Connection | None = conn
+        self._parts = [BrokerPartition.from_reply(p, fds[p["fd"]]) for p in device["partitions"]]
+
+    @property
+    def partitions(self) -> list[PartitionDevice]:
+        """The partitions registered at attach, each with its own descriptor."""
+        return list(self._parts) if self._fd >= 0 else []
+
+    def detach(self, timeout: float = 10.0) -> None:
+        """Close our descriptors, then have the broker release the device and wait for it."""
+        conn = self._let_go()
+        if conn is None:
+            return
+        try:
+            call(conn, "io.loopdev.Detach", {"name": self.name, "timeout": timeout})
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        """Close our descriptors and the connection; the broker releases the device."""
+        conn = self._let_go()
+        if conn is not None:
+            conn.close()
+
+    def _let_go(self) -> _varlink.Connection | None:
+        for part in self._parts:
+            _varlink.close_fds([part.fd])
+        self._parts = []
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+        conn, self._conn = self._conn, None
+        return conn
+
+    def __repr__(self) -> str:
+        return f"<BrokerDevice {self.name} {self.path}>"
+
+
+def _device_entry(params: dict[str, Any], count: int) -> dict[str, Any]:
+    """The reply's Device, checked enough that building the object cannot fail."""
+    device = params.get("device")
+    ok = (
+        isinstance(device, dict)
+        and isinstance(device.get("name"), str)
+        and device["name"].startswith("loop")
+        and device["name"][4:].isdigit()
+        and type(device.get("fd")) is int
+        and 0 <= device["fd"] < count
+        and isinstance(device.get("partitions"), list)
+        and all(
+            isinstance(p, dict)
+            and type(p.get("fd")) is int
+            and 0 <= p["fd"] < count
+            and all(type(p.get(k)) is int for k in ("number", "start", "size", "major", "minor"))
+            and isinstance(p.get("name"), str)
+            for p in device["partitions"]
+        )
+    )
+    if not ok or not isinstance(device, dict):
+        raise BrokerError(errno.EPROTO, "malformed Attach reply from the loopdev broker")
+    device["read_only"] = device.get("read_only") is True
+    return device
+
+
+def _open_backing(backing: Backing, read_only: bool) -> tuple[int, bool]:
+    """Our descriptor of the backing file, opened with our permissions; and whether we opened it."""
+    if isinstance(backing, int):
+        if backing < 0:
+            raise BackingFileError(errno.EBADF, f"invalid file descriptor {backing}")
+        return backing, False
+    path = os.path.abspath(os.fspath(backing))
+    try:
+        if stat.S_ISFIFO(os.stat(path).st_mode):  # opening it would block
+            raise BackingFileError(errno.EINVAL, "backing file is a FIFO", backing=path)
+        fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+    except BackingFileError:
+        raise
+    except OSError as exc:
+        hint = "" if read_only else "; pass read_only=True for a read-only file"
+        raise BackingFileError(
+            exc.errno or errno.EACCES, f"cannot open the backing file{hint}", backing=path
+        ) from None
+    return fd, True
+
+
+def attach(
+    backing: Backing,
+    *,
+    broker: str,
+    offset: int = 0,
+    sizelimit: int = 0,
+    read_only: bool = False,
+    partscan: bool = False,
+    direct_io: DirectIO = "auto",
+    block_size: int | None = None,
+    autoclear: bool = True,
+    lock: bool = False,
+    node_dir: str | os.PathLike[str] | None = None,
+    node_mode: int = 0o600,
+) -> BrokerDevice:
+    """``loopdev.attach()`` through the broker at ``broker`` (see the module docstring)."""
+    where = None if isinstance(backing, int) else os.fspath(backing)
+    if not autoclear or lock or node_dir is not None:
+        raise ConfigureError(
+            errno.EINVAL,
+            "autoclear=False, lock and node_dir are not available through the broker "
+            "(its devices are released with their connection, its nodes are descriptors)",
+            backing=where,
+        )
+    fd, opened = _open_backing(backing, read_only)
+    try:
+        conn = connect(broker)
+        try:
+            params = {
+                "file": 0,
+                "read_only": read_only,
+                "partscan": partscan,
+                "offset": offset,
+                "sizelimit": sizelimit,
+                "block_size": block_size,
+                "direct_io": None if direct_io == "auto" else direct_io,
+            }
+            reply, fds = call(conn, "io.loopdev.Attach", params, [fd])
+            try:
+                device = _device_entry(reply, len(fds))
+                used = {device["fd"]} | {p["fd"] for p in device["partitions"]}
+                _varlink.close_fds([f for i, f in enumerate(fds) if i not in used])
+            except BaseException:
+                _varlink.close_fds(fds)
+                raise
+            return BrokerDevice(conn, device, fds)
+        except BaseException:
+            conn.close()
+            raise
+    finally:
+        if opened:
+            os.close(fd)
+
+
+def list_devices(broker: str) -> list[dict[str, Any]]:
+    """The broker's devices of this user (the ``Device`` objects of the interface)."""
+    conn = connect(broker)
+    try:
+        reply, fds = call(conn, "io.loopdev.List", {})
+        _varlink.close_fds(fds)
+    finally:
+        conn.close()
+    devices = reply.get("devices")
+    if not isinstance(devices, list) or not all(isinstance(d, dict) for d in devices):
+        raise BrokerError(errno.EPROTO, "malformed List reply from the loopdev broker")
+    return devices
