@@ -212,6 +212,13 @@ static int sysfs_block_fd(void)
     return cur;
 }
 
+/* Opened at import (loopdev._native), so that the descriptor is there from
+ * the start and not a surprise to code counting its open fds later. */
+void ld_init(void)
+{
+    sysfs_block_fd();
+}
+
 struct part_span {
     int pno;
     long long start, length; /* bytes; -1 unknown */

@@ -72,6 +72,8 @@ int ld_attach(const struct ld_attach_req *req, struct ld_attach_res *res);
 int ld_blkpg(int dev_fd, int op, int pno, long long start, long long length);
 int ld_del_partitions(int dev_fd, int index);
 void ld_force_fallback(int on);
+/* Process-wide set-up: the cached handle on sysfs's block directory. */
+void ld_init(void);
 /* loopN through a node of our own in a fresh directory below dirfd, unlinked
  * before returning the fd. */
 int ld_open_private(int dirfd, int index, int part_shift);

@@ -589,5 +589,6 @@ def attach(
     return Attached(res.index, res.fd, res.retries, bool(res.unlocked))
 
 
+lib.ld_init()
 if os.environ.get("LOOPDEV_FORCE_FALLBACK") == "1":
     force_fallback(True)

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from loopdev import _varlink
-from loopdev.device import Backing, DirectIO, LoopDevice
+from loopdev.device import LoopDevice
 from loopdev.errors import (
     BackingFileError,
     ConfigureError,
@@ -30,6 +30,10 @@ from loopdev.errors import (
     UnsupportedByKernel,
 )
 from loopdev.partitions import PartitionDevice
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from loopdev.device import Backing, DirectIO
 
 __all__ = [
     "BadRequest",
