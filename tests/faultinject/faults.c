@@ -23,14 +23,16 @@
  * LOOP_CONFIGURE with a NULL argument, and failing that call would fake the
  * probe's answer, not a failing configure.
  *
- * LOOPDEV_FAULTS_LOG names a file that gets one line per call matching a rule
- * (a call matching two rules gets two lines):
- *   "<rule index> fire <ns>\n"   the action was applied
- *   "<rule index> pass <ns>\n"   this rule did not act on the call (every call of a
- *                                count rule)
- *   "<rule index> skip <ns>\n"   an ioctl with argument 0, made unchanged
- * <ns> is CLOCK_MONOTONIC in nanoseconds (Python's time.monotonic_ns()), so a
- * test can time what followed a fault without counting lock waits before it.
+ * LOOPDEV_FAULTS_LOG names a file that gets, when a call returns, one line
+ * per rule it matched:
+ *   "<rule index> <what> <ns> <errno>\n"
+ *   what   fire: the action was applied; pass: this rule did not act on the
+ *          call (every call of a count rule); skip: an ioctl with argument 0
+ *   ns     CLOCK_MONOTONIC in nanoseconds (Python's time.monotonic_ns()), so a
+ *          test can time what followed a fault without counting lock waits
+ *          before it
+ *   errno  how the call ended: 0 for success (a drop_sizelimit call is made,
+ *          and the kernel may still refuse it)
  * Each line is one O_APPEND write(2), so threads and processes do not mix.
  * A rule that cannot be parsed ends the process with exit status 97.
  */
@@ -164,16 +166,14 @@ __attribute__((constructor)) static void load_rules(void)
 }
 
 /* Raw system calls: logging must not go through the wrappers below. */
-static void log_call(int index, const char *what)
+static void log_line(int index, const char *what, int err)
 {
-    char line[64];
-    int saved = errno, fd, len;
+    char line[80];
+    int fd, len;
     struct timespec now;
-    if (!log_path)
-        return;
     clock_gettime(CLOCK_MONOTONIC, &now);
-    len = snprintf(line, sizeof(line), "%d %s %lld\n", index, what,
-                   (long long)now.tv_sec * 1000000000LL + now.tv_nsec);
+    len = snprintf(line, sizeof(line), "%d %s %lld %d\n", index, what,
+                   (long long)now.tv_sec * 1000000000LL + now.tv_nsec, err);
     fd = (int)syscall(SYS_openat, AT_FDCWD, log_path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC,
                       0600);
     if (fd >= 0) {
@@ -182,7 +182,6 @@ static void log_call(int index, const char *what)
         }
         syscall(SYS_close, fd);
     }
-    errno = saved;
 }
 
 static const char *base_name(const char *path)
@@ -200,29 +199,54 @@ static int matches(const struct rule *r, enum call call, const char *name, unsig
     return name && fnmatch(r->pattern, name, 0) == 0;
 }
 
-/* The rule that applies to this call (-1: none); logs every matching rule. */
-static int decide(enum call call, const char *name, unsigned long request, int may_act)
+/* The rules one call matched, and what each did with it. */
+struct verdict {
+    int chosen; /* the rule whose action applies; -1: none */
+    int n;
+    int rule[MAX_RULES];
+    const char *what[MAX_RULES];
+};
+
+static void decide(struct verdict *v, enum call call, const char *name, unsigned long request,
+                   int may_act)
 {
-    int chosen = -1;
+    v->chosen = -1;
+    v->n = 0;
     for (int i = 0; i < n_rules; i++) {
         struct rule *r = &rules[i];
+        const char *what = "pass";
         if (!matches(r, call, name, request))
             continue;
         if (r->action != ACT_COUNT && !may_act) {
-            log_call(i, "skip");
-            continue;
-        }
-        if (chosen < 0 && r->action != ACT_COUNT) {
+            what = "skip";
+        } else if (v->chosen < 0 && r->action != ACT_COUNT) {
             long before = __atomic_fetch_add(&r->applied, 1, __ATOMIC_RELAXED);
             if (r->count < 0 || before < r->count) {
-                chosen = i;
-                log_call(i, "fire");
-                continue;
+                v->chosen = i;
+                what = "fire";
             }
         }
-        log_call(i, "pass");
+        v->rule[v->n] = i;
+        v->what[v->n++] = what;
     }
-    return chosen;
+}
+
+/* Log the call's outcome; returns `ret` with errno as the call left it. */
+static int done(const struct verdict *v, int ret)
+{
+    int saved = errno;
+    if (log_path)
+        for (int i = 0; i < v->n; i++)
+            log_line(v->rule[i], v->what[i], ret < 0 ? saved : 0);
+    errno = saved;
+    return ret;
+}
+
+/* Fail the call with the chosen rule's errno. */
+static int fail(const struct verdict *v)
+{
+    errno = rules[v->chosen].err;
+    return done(v, -1);
 }
 
 /* The next definition of `name` (libc's), looked up at the first call: a
@@ -240,15 +264,6 @@ static void *next(void **slot, const char *name)
 #define REAL(name) ((__typeof__(real_##name))next((void **)&real_##name, #name))
 #define NEEDS_MODE(flags) (((flags) & O_CREAT) || ((flags) & O_TMPFILE) == O_TMPFILE)
 
-static int open_fault(const char *path)
-{
-    int i = decide(CALL_OPEN, base_name(path), 0, 1);
-    if (i < 0)
-        return 0;
-    errno = rules[i].err;
-    return -1;
-}
-
 static int (*real_open)(const char *, int, ...);
 static int (*real_open64)(const char *, int, ...);
 static int (*real_openat)(int, const char *, int, ...);
@@ -256,46 +271,27 @@ static int (*real_openat64)(int, const char *, int, ...);
 
 /* One wrapper per symbol: glibc exports them all, and which one a caller
  * binds to depends on _FILE_OFFSET_BITS and _FORTIFY_SOURCE. */
-#define OPEN_MODE(flags)                                                                         \
-    mode_t mode = 0;                                                                             \
-    if (NEEDS_MODE(flags)) {                                                                     \
-        va_list ap;                                                                              \
-        va_start(ap, flags);                                                                     \
-        mode = va_arg(ap, mode_t);                                                               \
-        va_end(ap);                                                                              \
+#define OPEN_WRAPPER(name, proto, args)                                                          \
+    int name proto                                                                               \
+    {                                                                                            \
+        struct verdict v;                                                                        \
+        mode_t mode = 0;                                                                         \
+        if (NEEDS_MODE(flags)) {                                                                 \
+            va_list ap;                                                                          \
+            va_start(ap, flags);                                                                 \
+            mode = va_arg(ap, mode_t);                                                           \
+            va_end(ap);                                                                          \
+        }                                                                                        \
+        decide(&v, CALL_OPEN, base_name(path), 0, 1);                                            \
+        if (v.chosen >= 0)                                                                       \
+            return fail(&v);                                                                     \
+        return done(&v, REAL(name) args);                                                        \
     }
 
-int open(const char *path, int flags, ...)
-{
-    OPEN_MODE(flags);
-    if (open_fault(path))
-        return -1;
-    return REAL(open)(path, flags, mode);
-}
-
-int open64(const char *path, int flags, ...)
-{
-    OPEN_MODE(flags);
-    if (open_fault(path))
-        return -1;
-    return REAL(open64)(path, flags, mode);
-}
-
-int openat(int dirfd, const char *path, int flags, ...)
-{
-    OPEN_MODE(flags);
-    if (open_fault(path))
-        return -1;
-    return REAL(openat)(dirfd, path, flags, mode);
-}
-
-int openat64(int dirfd, const char *path, int flags, ...)
-{
-    OPEN_MODE(flags);
-    if (open_fault(path))
-        return -1;
-    return REAL(openat64)(dirfd, path, flags, mode);
-}
+OPEN_WRAPPER(open, (const char *path, int flags, ...), (path, flags, mode))
+OPEN_WRAPPER(open64, (const char *path, int flags, ...), (path, flags, mode))
+OPEN_WRAPPER(openat, (int dirfd, const char *path, int flags, ...), (dirfd, path, flags, mode))
+OPEN_WRAPPER(openat64, (int dirfd, const char *path, int flags, ...), (dirfd, path, flags, mode))
 
 int __open_2(const char *path, int flags) { return open(path, flags); }
 int __open64_2(const char *path, int flags) { return open64(path, flags); }
@@ -306,44 +302,41 @@ static int (*real_ioctl)(int, unsigned long, ...);
 
 int ioctl(int fd, unsigned long request, ...)
 {
+    struct verdict v;
     va_list ap;
     unsigned long arg;
-    int i;
     va_start(ap, request);
     arg = va_arg(ap, unsigned long);
     va_end(ap);
 
-    i = decide(CALL_IOCTL, NULL, request, arg != 0);
-    if (i < 0)
-        return REAL(ioctl)(fd, request, arg);
-    if (rules[i].action == ACT_ERRNO) {
-        errno = rules[i].err;
-        return -1;
-    }
+    decide(&v, CALL_IOCTL, NULL, request, arg != 0);
+    if (v.chosen < 0)
+        return done(&v, REAL(ioctl)(fd, request, arg));
+    if (rules[v.chosen].action == ACT_ERRNO)
+        return fail(&v);
     /* ACT_DROP_SIZELIMIT: the kernel gets a copy without the size limit. */
     if (request == LOOP_CONFIGURE) {
         struct loop_config config = *(const struct loop_config *)arg;
         config.info.lo_sizelimit = 0;
-        return REAL(ioctl)(fd, request, &config);
+        return done(&v, REAL(ioctl)(fd, request, &config));
     }
     struct loop_info64 info = *(const struct loop_info64 *)arg;
     info.lo_sizelimit = 0;
-    return REAL(ioctl)(fd, request, &info);
+    return done(&v, REAL(ioctl)(fd, request, &info));
 }
 
 static int (*real_flock)(int, int);
 
 int flock(int fd, int operation)
 {
+    struct verdict v;
     char link[64], target[4096];
     ssize_t len;
-    int i;
     snprintf(link, sizeof(link), "/proc/self/fd/%d", fd);
     len = readlink(link, target, sizeof(target) - 1);
     target[len > 0 ? len : 0] = '\0';
-    i = decide(CALL_FLOCK, base_name(target), 0, 1);
-    if (i < 0)
-        return REAL(flock)(fd, operation);
-    errno = rules[i].err;
-    return -1;
+    decide(&v, CALL_FLOCK, base_name(target), 0, 1);
+    if (v.chosen >= 0)
+        return fail(&v);
+    return done(&v, REAL(flock)(fd, operation));
 }
