@@ -507,14 +507,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--wait",
-        nargs="?",
         type=float,
-        const=10.0,
         default=0.0,
         metavar="SECONDS",
-        help="wait until the kernel released each device (default 10 s when given without "
-        "a value); without it, return at once like losetup -d (the kernel releases a device "
-        "still held open when its last user closes it)",
+        help="--wait or --wait=SECONDS: wait (10 s, or SECONDS) until the kernel released "
+        "each device; without it, return at once like losetup -d (the kernel releases a "
+        "device still held open when its last user closes it)",
     )
     p.add_argument("targets", nargs="*", metavar="DEVICE|FILE")
 
@@ -656,10 +654,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
 
 
+# Options whose value is optional, as with getopt: the value only after "=",
+# so that "--wait /dev/loop3" waits (10 s) for /dev/loop3.
+_OPTIONAL_VALUES = {"--wait": "--wait=10"}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    given = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args([_OPTIONAL_VALUES.get(arg, arg) for arg in given])
     if args.command == "detach" and args.all == bool(args.targets):
         parser.error("detach needs DEVICE or FILE arguments, or --all (not both)")
     func: Callable[[argparse.Namespace], int] = args.func

@@ -361,6 +361,9 @@ def _open_backing(backing: Backing, read_only: bool) -> tuple[int, str, bool]:
         except OSError:
             raise BackingFileError(errno.EBADF, f"file descriptor {backing} is not open") from None
         return backing, path, False
+    if not os.fspath(backing):
+        # abspath("") would be the working directory; losetup's wording.
+        raise BackingFileError(errno.ENOENT, "failed to use backing file", backing="")
     path = os.path.abspath(os.fspath(backing))
     try:
         st = os.stat(path)
