@@ -10,10 +10,12 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import wait_unbound
+from helpers import register_backing, wait_unbound
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 TEXT = README.read_text() if README.exists() else ""
@@ -41,9 +43,22 @@ def test_readme_python(
     exec(compile("import os\n" + code, "README.md", "exec"), {"os": os})
 
 
+@pytest.fixture
+def shared_dir(devices: None) -> Iterator[Path]:
+    """A fresh directory other users can reach (the broker example runs a client as
+    ``nobody``); pytest's own tmp_path lies below a root-only directory."""
+    path = Path(tempfile.mkdtemp(prefix="loopdev-readme-", dir="/tmp"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        _detach_under(path)
+        shutil.rmtree(path)
+
+
 @pytest.mark.skipif(not SHELL, reason="README.md not beside the tests")
 @pytest.mark.parametrize("block", SHELL, ids=[f"sh{i}" for i in range(len(SHELL))])
-def test_readme_shell(block: str, tmp_path: Path, devices: None) -> None:
+def test_readme_shell(block: str, shared_dir: Path) -> None:
     """Each block in a fresh directory, with this interpreter's ``loopdev`` and
     ``python`` first on PATH; a non-zero status fails the test."""
     lines = [line for line in block.splitlines() if not SETUP.match(line)]
@@ -54,7 +69,7 @@ def test_readme_shell(block: str, tmp_path: Path, devices: None) -> None:
     try:
         out = subprocess.run(
             ["bash", "-euo", "pipefail", "-c", "\n".join(lines)],
-            cwd=tmp_path,
+            cwd=shared_dir,
             env=env,
             capture_output=True,
             text=True,
@@ -62,8 +77,10 @@ def test_readme_shell(block: str, tmp_path: Path, devices: None) -> None:
         )
         assert out.returncode == 0, f"exit {out.returncode}\n{out.stdout}\n{out.stderr}"
     finally:
-        _detach_under(tmp_path)  # loopdev attach outlives its command
-    assert wait_unbound(str(tmp_path)) == []
+        if (shared_dir / "disk.img").exists():
+            register_backing(shared_dir / "disk.img")  # outside tmp_path: tell the leak check
+        _detach_under(shared_dir)  # loopdev attach outlives its command
+    assert wait_unbound(str(shared_dir)) == []
 
 
 def _detach_under(directory: Path) -> None:
