@@ -33,8 +33,7 @@ LINUX = uuid.UUID("0fc63daf-8483-4772-8e79-3d69d8477de4")
 
 def build_with_sfdisk(sfdisk: str, path: Path) -> None:
     script = "label: gpt\n" + "".join(
-        f'start={2048 + i * 128}, size=128, type=L, name="part{i + 1}"\n'
-        for i in range(ENTRIES)
+        f'start={2048 + i * 128}, size=128, type=L, name="part{i + 1}"\n' for i in range(ENTRIES)
     )
     subprocess.run([sfdisk, "--quiet", str(path)], input=script, text=True, check=True)
 
@@ -56,9 +55,7 @@ def build_by_hand(path: Path) -> None:
         for i in range(ENTRIES)
     )
     pmbr = bytearray(512)
-    struct.pack_into(
-        "<B3sB3sII", pmbr, 446, 0, b"\0\2\0", 0xEE, b"\xff\xff\xff", 1, last_lba
-    )
+    struct.pack_into("<B3sB3sII", pmbr, 446, 0, b"\0\2\0", 0xEE, b"\xff\xff\xff", 1, last_lba)
     pmbr[510:512] = b"\x55\xaa"
     disk_guid = uuid.uuid4().bytes_le
     with open(path, "wb") as f:
