@@ -5,15 +5,18 @@ every shell block except the lines that install the package or run this suite
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import brokerlib
 import pytest
 from helpers import register_backing, wait_unbound
 
@@ -64,18 +67,31 @@ def test_readme_shell(block: str, shared_dir: Path) -> None:
     lines = [line for line in block.splitlines() if not SETUP.match(line)]
     if not any(line.strip() for line in lines):
         pytest.skip("only installs or runs the tests")
+    if "--reuid=nobody" in block:
+        brokerlib.require_unprivileged()
     bindir = os.path.dirname(sys.executable)
     env = dict(os.environ, PATH=f"{bindir}:{os.environ.get('PATH', '')}")
     try:
-        out = subprocess.run(
-            ["bash", "-euo", "pipefail", "-c", "\n".join(lines)],
-            cwd=shared_dir,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert out.returncode == 0, f"exit {out.returncode}\n{out.stdout}\n{out.stderr}"
+        # Its own process group, output to a file: a background job the block
+        # started (the broker) neither holds a pipe open nor outlives the test.
+        with tempfile.TemporaryFile("w+") as log:
+            proc = subprocess.Popen(
+                ["bash", "-euo", "pipefail", "-c", "\n".join(lines)],
+                cwd=shared_dir,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                text=True,
+                start_new_session=True,
+            )
+            try:
+                code = proc.wait(120)
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            log.seek(0)
+            assert code == 0, f"exit {code}\n{log.read()}"
     finally:
         if (shared_dir / "disk.img").exists():
             register_backing(shared_dir / "disk.img")  # outside tmp_path: tell the leak check
