@@ -970,12 +970,13 @@ def _accept_until_signal(listener: socket.socket, broker: Broker) -> None:
     wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
 
     def on_signal(signum: int, frame: object) -> None:
-        try:
-            os.write(wake_w, b"x")
-        except OSError:
-            pass
+        pass  # the wakeup fd below has woken select() already
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    # Written by the C-level handler in whichever thread the kernel gives the
+    # signal to: a Python handler runs only in the main thread, and only once
+    # select() returned, which a signal taken by a worker thread never makes it do.
+    old_wakeup = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
     listener.setblocking(False)
     selector = selectors.DefaultSelector()
     selector.register(listener, selectors.EVENT_READ)
@@ -997,6 +998,7 @@ def _accept_until_signal(listener: socket.socket, broker: Broker) -> None:
             broker.accept(sock)
     finally:
         selector.close()
+        signal.set_wakeup_fd(old_wakeup)
         for signum, handler in old.items():
             signal.signal(signum, handler)
         os.close(wake_r)
