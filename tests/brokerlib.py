@@ -19,12 +19,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import poll
 
 from loopdev import _varlink
 
@@ -52,17 +53,6 @@ B = os.environ["LOOPDEV_BROKER"]
 def out(**kw):
     print(json.dumps(kw), flush=True)
 """
-
-
-def poll(condition: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    delay = 0.001
-    while not condition():
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(delay)
-        delay = min(delay * 2, 0.02)
-    return True
 
 
 def unprivileged_reason() -> str | None:
