@@ -753,18 +753,8 @@ static int check_node(const struct ld_attach_req *req, struct ld_attach_res *res
     return -ENODEV;
 }
 
-/* A device in rundown stays unusable for a while but keeps being the lowest
- * free index: skip it for this call (LOOP_CTL_ADD gives another) instead of
- * sleeping until it is free again. */
-static int skip_busy(struct ld_attach_res *res, struct attach_state *s, int index, int stage,
-                     int err)
-{
-    fail(res, stage, err);
-    return skip_index(s, index);
-}
-
 static int open_device(const struct ld_attach_req *req, struct ld_attach_res *res,
-                       struct attach_state *s, struct attempt *a)
+                       struct attempt *a)
 {
     char name[32];
     int r;
@@ -777,9 +767,7 @@ static int open_device(const struct ld_attach_req *req, struct ld_attach_res *re
          * rundown or being removed answers ENXIO, or ENOENT once its node is
          * gone: another process released it right after GET_FREE named it.
          * ENOENT for a device sysfs still has is a node that never existed. */
-        if (r == -ENXIO)
-            return skip_busy(res, s, a->index, LD_STAGE_OPEN, r);
-        if (r == -ENOENT && !sysfs_has(a->index))
+        if (r == -ENXIO || (r == -ENOENT && !sysfs_has(a->index)))
             return retry(res, LD_STAGE_OPEN, r);
         if (r != -ENOENT || !req->private_nodes)
             return fail(res, LD_STAGE_OPEN, r);
@@ -794,7 +782,7 @@ static int open_device(const struct ld_attach_req *req, struct ld_attach_res *re
     }
     r = ld_open_private(req->dev_dirfd, a->index, req->part_shift);
     if (r == -ENXIO)
-        return skip_busy(res, s, a->index, LD_STAGE_OPEN, r);
+        return retry(res, LD_STAGE_OPEN, r);
     if (r < 0)
         return fail(res, LD_STAGE_NODE, r);
     a->fd = r;
@@ -847,10 +835,10 @@ static int bind_device(const struct ld_attach_req *req, struct ld_attach_res *re
     /* EBUSY before anything was bound: another process bound this index
      * since GET_FREE, or pages of its previous file are still being released
      * (osbuild #177), or since 6.11 (commit 18048c1af783) its last opener
-     * has not closed it yet. All pass, but not at once: skip this index for
-     * this call (another round gets another device) rather than sleep. */
+     * has not closed it yet. All pass; another round picks a free device.
+     * Not skipped (LOOP_CTL_ADD): every race would leave a new minor behind. */
     if (r == -EBUSY && (stage == LD_STAGE_CONFIGURE || stage == LD_STAGE_SET_FD))
-        return skip_index(s, a->index);
+        return TRANSIENT;
     return r;
 }
 
@@ -872,7 +860,7 @@ static int attempt_once(const struct ld_attach_req *req, struct ld_attach_res *r
     if (r == 0)
         r = pick_index(req, res, s, &a);
     if (r == 0)
-        r = open_device(req, res, s, &a);
+        r = open_device(req, res, &a);
     if (r == 0)
         r = run_hook(req, res, s, &a);
     if (r == 0)
