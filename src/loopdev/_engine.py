@@ -69,7 +69,7 @@ class Control:
             self.dev_dir = (
                 dir_fd
                 if dir_fd is not None
-                else os.open(DEV, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+                else os.open(DEV, _native.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
             )
         except BaseException:
             os.close(fd)
@@ -116,7 +116,7 @@ def open_device(index: int, dir_fd: int | None = None, *, private_nodes: bool = 
 
 
 def _open_private(index: int) -> int:
-    dev_dir = os.open(DEV, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    dev_dir = os.open(DEV, _native.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         return _native.open_private(dev_dir, index, sysfs.minor_shift())
     finally:

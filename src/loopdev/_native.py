@@ -51,6 +51,9 @@ BLKGETDISKSEQ: int = lib.BLKGETDISKSEQ
 BLKPG_ADD_PARTITION: int = lib.BLKPG_ADD_PARTITION
 BLKPG_DEL_PARTITION: int = lib.BLKPG_DEL_PARTITION
 
+# os.O_PATH is missing on PyPy: the C library's value.
+O_PATH: int = lib.O_PATH
+
 DIRECT_IO_OFF, DIRECT_IO_TRY, DIRECT_IO_REQUIRED = 0, 1, 2
 
 # Names for error messages, for the requests Python issues itself.

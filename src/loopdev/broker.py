@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import loopdev
-from loopdev import _varlink
+from loopdev import _native, _varlink
 from loopdev.device import LoopDevice
 from loopdev.errors import (
     BackingFileError,
@@ -310,7 +310,7 @@ def _check_backing_fd(fd: int, policy: Policy) -> tuple[os.stat_result, bool]:
         flags = fcntl.fcntl(fd, fcntl.F_GETFL)
     except OSError as exc:
         raise refuse(exc.errno or errno.EBADF, "backing descriptor unusable") from None
-    if flags & os.O_PATH:
+    if flags & _native.O_PATH:
         # An O_PATH descriptor needs no read permission on the file.
         raise refuse(errno.EBADF, "backing descriptor is O_PATH; open the file for reading")
     if stat.S_ISBLK(st.st_mode):
@@ -415,7 +415,7 @@ class Broker:
         # instant between mknod and unlink.
         self.node_path = tempfile.mkdtemp(prefix=".loopdev-broker.", dir=node_dir)
         os.chmod(self.node_path, 0o700)
-        self._node_dir = os.open(self.node_path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._node_dir = os.open(self.node_path, _native.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
 
     # --- connections --------------------------------------------------------------
 

@@ -117,7 +117,7 @@ class Loop:
         # as an opener. Park it on an O_PATH handle to the same inode (not an
         # opener; works for an unlinked private node too) while waiting, then
         # reopen the device under the same fd number.
-        parked = os.open(f"/proc/self/fd/{self.fd}", os.O_PATH | os.O_CLOEXEC)
+        parked = os.open(f"/proc/self/fd/{self.fd}", _native.O_PATH | os.O_CLOEXEC)
         try:
             os.dup2(parked, self.fd, inheritable=False)
             try:

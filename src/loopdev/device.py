@@ -407,7 +407,7 @@ def _check_backing(fd: int, path: str, offset: int, read_only: bool) -> os.stat_
             backing=path,
         )
     mode = fcntl.fcntl(fd, fcntl.F_GETFL)
-    if mode & os.O_PATH:
+    if mode & _native.O_PATH:
         raise BackingFileError(
             errno.EBADF,
             "backing fd is an O_PATH handle, which cannot be read; open the file for reading "

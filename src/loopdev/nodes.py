@@ -148,7 +148,7 @@ class NodeSet:
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.where = os.fspath(directory)
-        self.dir_fd = os.open(self.where, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.dir_fd = os.open(self.where, _native.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self.made: list[tuple[str, DevT]] = []
 
     def add(self, name: str, devt: DevT, mode: int, *, mark: bool = False) -> None:
