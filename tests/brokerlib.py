@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import helpers
 import pytest
 from helpers import poll
 
@@ -34,7 +35,6 @@ OUTSIDER = 4242  # a uid no policy in these tests allows
 MiB = 1 << 20
 _TOOL_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
 SETPRIV = shutil.which("setpriv", path=_TOOL_PATH)
-SFDISK = shutil.which("sfdisk", path=_TOOL_PATH)
 REQUIRE = os.environ.get("LOOPDEV_REQUIRE_DEVICES") == "1"
 # Whether a client running as nobody is required too (default: with the devices).
 # An interpreter nobody cannot run (one below a root-only home, linked to a
@@ -107,19 +107,7 @@ GPT_PARTS = ((1 * MiB, 4 * MiB), (6 * MiB, 4 * MiB))
 
 
 def gpt_image(path: Path, owner: int | None = NOBODY) -> Path:
-    if SFDISK is None:
-        pytest.skip("sfdisk (Debian package fdisk) missing")
-    make_image(path, 12 * MiB, owner=None)
-    script = "label: gpt\n" + "".join(
-        f"start={start // 512}, size={length // 512}\n" for start, length in GPT_PARTS
-    )
-    subprocess.run(
-        [SFDISK, "--quiet", "--no-reread", "--no-tell-kernel", str(path)],
-        input=script,
-        text=True,
-        check=True,
-        capture_output=True,
-    )
+    helpers.gpt_image(path, 12 * MiB, GPT_PARTS)
     if owner is not None:
         os.chown(path, owner, owner)
     return path

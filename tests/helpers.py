@@ -166,15 +166,18 @@ def make_image(path: Path, size: int = 4 * MiB) -> Path:
 GPT_PARTS = ((1 * MiB, 6 * MiB), (7 * MiB, 4 * MiB))
 
 
-def gpt_image(path: Path, size: int = 16 * MiB) -> Path:
-    """A sparse image with the GPT of :data:`GPT_PARTS`; skips where sfdisk is missing."""
+def gpt_image(
+    path: Path, size: int = 16 * MiB, parts: tuple[tuple[int, int], ...] = GPT_PARTS
+) -> Path:
+    """A sparse image with a GPT of ``parts`` ((start, length) in bytes); skips where
+    sfdisk is missing."""
     import pytest
 
     if SFDISK is None:
         pytest.skip("sfdisk (util-linux) not installed")
     make_image(path, size)
     script = "label: gpt\n" + "".join(
-        f"start={start // 512}, size={length // 512}\n" for start, length in GPT_PARTS
+        f"start={start // 512}, size={length // 512}\n" for start, length in parts
     )
     subprocess.run(
         [SFDISK, "--quiet", "--no-reread", "--no-tell-kernel", str(path)],
