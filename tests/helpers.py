@@ -192,6 +192,42 @@ def gpt_image(
 # --- child programs -----------------------------------------------------------------------
 
 
+def in_private_mount(
+    mount: list[str], target: str | os.PathLike[str], argv: list[str]
+) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` in a private mount namespace after ``mount MOUNT... TARGET`` there
+    (the mount goes with the namespace)."""
+    script = f'{MOUNT} {" ".join(mount)} "$1" && shift && exec "$@"'
+    return subprocess.run(
+        [
+            UNSHARE or "unshare",
+            "-m",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            script,
+            "sh",
+            os.fspath(target),
+            *argv,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m loopdev ARGS`` with this interpreter; never raises on its status."""
+    return subprocess.run(
+        [sys.executable, "-m", "loopdev", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
 def child_argv(name: str, *args: str) -> list[str]:
     """The command line running ``tests/children/NAME.py`` with this interpreter."""
     return [sys.executable, str(CHILDREN / f"{name}.py"), *args]

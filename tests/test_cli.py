@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 
 import pytest
 from helpers import bound_under
+from helpers import run_cli as run
 
 from loopdev import cli
 
@@ -31,16 +31,6 @@ needs_losetup = pytest.mark.skipif(shutil.which("losetup") is None, reason="lose
 NO_SUCH_DEVICE = "/dev/loop999999"
 
 KEYS = ["name", "sizelimit", "offset", "autoclear", "ro", "back-file", "dio", "log-sec"]
-
-
-def run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "loopdev", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
 
 
 def ok(*args: str) -> str:

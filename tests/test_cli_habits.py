@@ -13,19 +13,10 @@ from pathlib import Path
 
 import pytest
 from helpers import bound_under, wait_unbound
+from helpers import run_cli as run
 
 from loopdev import cli
 from loopdev.errors import BackingFileError
-
-
-def run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "loopdev", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 def make_file(path: Path, size: int = 4 << 20) -> Path:

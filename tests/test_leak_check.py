@@ -21,6 +21,7 @@ from helpers import (
     binding_of,
     bindings,
     child_argv,
+    in_private_mount,
     leaked_devices,
     make_image,
     poll,
@@ -34,16 +35,7 @@ def _bind_in_namespace(mount: list[str], target: Path, path: Path, name: str) ->
     autoclear under the recorded name ``name``, and exit (the namespace goes with it)."""
     if UNSHARE is None or MOUNT is None:
         pytest.skip("unshare/mount (util-linux) not installed")
-    script = f'{MOUNT} {" ".join(mount)} "$1" && shift && exec "$@"'
-    out = subprocess.run(
-        [
-            *(UNSHARE, "-m", "--propagation", "private", "sh", "-c", script, "sh", str(target)),
-            *child_argv("raw_bind", str(path), name, "make"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = in_private_mount(mount, target, child_argv("raw_bind", str(path), name, "make"))
     if out.returncode != 0 or not out.stdout.strip():
         pytest.skip(f"no private mount namespace here: {out.stderr.strip()}")
     result: dict[str, int] = json.loads(out.stdout)

@@ -22,6 +22,7 @@ from helpers import (
     MiB,
     bound_exactly,
     child_argv,
+    in_private_mount,
     make_image,
     register_backing,
     wait_unbound,
@@ -307,15 +308,8 @@ def _ramfs_case(tmp_path: Path, api: str, expect: Expect) -> None:
     mnt.mkdir()
     path = str(mnt / "x.img")
     cli = [sys.executable, "-m", "loopdev", "attach", "--show", "--direct-io=on"]
-    script = f'{MOUNT} -t ramfs ramfs "$1" && shift && exec "$@"'
-    out = subprocess.run(
-        [
-            *(UNSHARE, "-m", "--propagation", "private", "sh", "-c", script, "sh", str(mnt)),
-            *child_argv("ramfs_attach", path, api, *cli),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
+    out = in_private_mount(
+        ["-t", "ramfs", "ramfs"], mnt, child_argv("ramfs_attach", path, api, *cli)
     )
     if out.returncode != 0 or not out.stdout.strip():
         pytest.skip(f"no private ramfs mount here: {out.stderr.strip()}")
