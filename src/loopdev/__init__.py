@@ -13,6 +13,7 @@ from loopdev.errors import (
     NoFreeDevice,
     PartitionTableError,
     UnsupportedByKernel,
+    WriteBackError,
 )
 
 # Everything the attach path needs is imported here, not on first use: a
@@ -33,6 +34,7 @@ __all__ = [  # noqa: RUF022 - grouped: compat, errors, then the high-level API
     "NoFreeDevice",
     "PartitionTableError",
     "UnsupportedByKernel",
+    "WriteBackError",
     "attach",
     "devices",
     "find",

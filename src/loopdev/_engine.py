@@ -242,6 +242,54 @@ def unpublish_nodes(index: int) -> None:
         nodes.remove_marked(DEV, f"loop{index}")
 
 
+# A failed write-back with less free space than this left on the backing
+# file's file system is put down to a full file system: one loop request
+# (max_sectors_kb, 1280 KiB by default) did not fit.
+_FULL = 2 << 20
+
+
+def write_back(dev_fd: int, index: int, fate: str) -> None:
+    """``fsync`` the device, so that what was written through it is in the backing file.
+
+    ``WriteBackError`` when that failed (the data is lost; ``fate`` says what
+    became of the device). ``BLKFLSBUF`` and the kernel's flush at the last
+    close drop write-back errors; ``fsync`` reports each one once, also one
+    that happened before this fd was opened. The block layer turns every
+    failed write into EIO (the loop driver's ENOSPC shows only in the kernel
+    log as "critical space allocation error"), so a full file system under
+    the backing file is recognised from its free space.
+    """
+    try:
+        os.fsync(dev_fd)
+        return
+    except OSError as exc:
+        err = exc.errno or errno.EIO
+    backing = sysfs.backing_file(f"loop{index}")
+    if err == errno.EIO and backing is not None and _backing_full(dev_fd, backing):
+        err = errno.ENOSPC
+    cause = "its file system is full" if err == errno.ENOSPC else os.strerror(err)
+    name = errno.errorcode.get(err, str(err))
+    raise errors.WriteBackError(
+        err,
+        f"writing back to the backing file failed ({name}: {cause}); data written through "
+        f"the device is lost; {fate}",
+        device=device_path(index),
+        backing=backing,
+    )
+
+
+def _backing_full(dev_fd: int, path: str) -> bool:
+    """Whether ``path`` is the device's backing file (by the kernel's device and inode)
+    and its file system is (almost) out of space."""
+    try:
+        if not _native.get_status(dev_fd).is_bound_to(os.stat(path)):
+            return False
+        vfs = os.statvfs(path)
+    except OSError:
+        return False  # unlinked (" (deleted)"), renamed, or not reachable from here
+    return vfs.f_bfree * vfs.f_frsize < _FULL
+
+
 def abort(dev_fd: int, index: int) -> None:
     """Undo a half-done attach (the caller closes the fd); the original error matters."""
     try:

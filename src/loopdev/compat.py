@@ -90,7 +90,12 @@ class Loop:
         fcntl.flock(self.fd, op)
 
     def flush_buf(self) -> None:
-        """``BLKFLSBUF``: write back and drop the device's buffers before clearing."""
+        """``BLKFLSBUF``: write back and drop the device's buffers before clearing.
+
+        ``WriteBackError`` (the device stays bound) when the write-back failed:
+        BLKFLSBUF itself never says so, an ``fsync`` first does.
+        """
+        _engine.write_back(self.fd, self.minor, "the device is still bound")
         _native.ioctl(self.fd, _native.BLKFLSBUF, device=self._path)
 
     def set_fd(self, fd: int) -> None:

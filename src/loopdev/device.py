@@ -14,6 +14,7 @@ from loopdev.errors import (
     DeviceBusy,
     DeviceNodeError,
     LoopError,
+    WriteBackError,
 )
 
 # Not typing.TYPE_CHECKING, nor dataclasses: importing either costs more at
@@ -243,21 +244,36 @@ class LoopDevice:
         return _native.get_u64(self._fd, _native.BLKGETSIZE64, device=self.path)
 
     def detach(self, timeout: float = 10.0) -> None:
-        """Delete partitions, remove nodes loopdev made, unbind, and wait until released.
+        """Write back, delete partitions, remove nodes loopdev made, unbind, and wait
+        until released.
 
         ``DeviceBusy`` if a partition is in use (nothing changed then) or if
         another process still holds the device after ``timeout`` seconds (the
         kernel releases it when they close it); ``timeout=0`` does not wait.
+        ``WriteBackError`` if data written through the device could not be
+        written to the backing file (e.g. ENOSPC): that data is lost, and the
+        device is detached all the same (``released`` is True), unless a busy
+        partition kept it bound (``released`` False, as with ``DeviceBusy``).
         """
         if self._fd < 0:
             return
+        lost: WriteBackError | None = None
         try:
-            os.fsync(self._fd)
-        except OSError:
-            pass  # a read-only device has nothing to write back
-        _engine.release(self._fd, self.minor, before_clear=self._remove_nodes)
+            _engine.write_back(self._fd, self.minor, "the device was detached")
+        except WriteBackError as exc:
+            lost = exc
+            lost.released = True
+        try:
+            _engine.release(self._fd, self.minor, before_clear=self._remove_nodes)
+        except OSError as exc:
+            if lost is None:
+                raise
+            if exc.errno != errno.ENXIO:  # ENXIO: unbound meanwhile, as good as detached
+                raise _still_bound(lost, exc) from exc
         fd, self._fd = self._fd, -1
         os.close(fd)
+        if lost is not None:
+            raise lost
         if timeout <= 0:
             return
         try:
@@ -323,6 +339,19 @@ class LoopDevice:
         _engine.abort(self._fd, self.minor)
         fd, self._fd = self._fd, -1
         os.close(fd)
+
+
+def _still_bound(lost: WriteBackError, why: OSError) -> WriteBackError:
+    """``lost`` for a device that the release after it left bound."""
+    text = str(lost.strerror).replace("the device was detached", "the device is still bound")
+    again = WriteBackError(
+        lost.errno or errno.EIO,
+        f"{text} ({why.strerror})",
+        device=lost.device,
+        backing=lost.backing,
+    )
+    again.released = False
+    return again
 
 
 def _validate(

@@ -65,6 +65,17 @@ class ConfigureError(LoopError):
     """The kernel refused or did not apply the requested configuration."""
 
 
+class WriteBackError(LoopError):
+    """Data written through the device did not all reach the backing file: it is lost.
+
+    ``errno`` is the cause (``ENOSPC`` where the backing file's file system is
+    full; the block layer itself only says ``EIO``). ``released`` says whether
+    the device was released anyway (``detach()`` does) or is still bound.
+    """
+
+    released: bool = False
+
+
 class PartitionTableError(LoopError):
     """A partition table is malformed; nothing was registered from it."""
 
