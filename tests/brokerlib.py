@@ -223,7 +223,12 @@ def as_user(
     env = {"PATH": "/usr/bin:/bin", "LOOPDEV_BROKER": broker, "HOME": "/"}
     if not wait:
         return subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
         )
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     assert done.returncode == 0, f"client failed:\n{done.stdout}\n{done.stderr}"

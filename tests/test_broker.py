@@ -28,7 +28,6 @@ from typing import Any
 import pytest
 from brokerlib import (
     GPT_PARTS,
-    NOBODY,
     OUTSIDER,
     MiB,
     Server,
@@ -144,9 +143,9 @@ out(after=dev.fd)
         (i + 1, start, size) for i, (start, size) in enumerate(GPT_PARTS)
     ]
     assert all(p.startswith("/proc/") for *_, p in info["parts"])
-    # Linked nowhere, owned by the client, 0600, block devices.
-    assert info["nlink"] == [0, 0, 0] and info["uid"] == [NOBODY] * 3
-    assert info["mode"] == [0o600] * 3 and info["blk"] and info["child"] == 0
+    # Linked nowhere, root's (the client cannot chmod them), 0666, block devices.
+    assert info["nlink"] == [0, 0, 0] and info["uid"] == [0] * 3
+    assert info["mode"] == [0o666] * 3 and info["blk"] and info["child"] == 0
     assert info["ro"] is False and got[1] == {"after": -1}
     data = image.read_bytes()
     assert data[100 * 512 : 101 * 512] == b"D" * 512
@@ -252,7 +251,7 @@ os.close(fd)
             "read_only": True,
             "sysfs": True,
             "blkroget": 1,
-            "mode": 0o400,
+            "mode": 0o444,
             "open_rw": errno.EACCES,
             "write_fd": errno.EBADF,
         }

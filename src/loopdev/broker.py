@@ -1,13 +1,13 @@
 """``loopdev serve``: loop devices for unprivileged clients over a Varlink socket.
 
-One thread per connection. Every request is checked against the policy with
-the peer's credentials (``SO_PEERCRED``, ``SO_PEERGROUPS``). The backing file
-arrives as a descriptor, so a client attaches only what it could open; its
-access mode decides read-only. The device goes back as descriptors on
-inodes the client owns and no directory links (a block node made in a
-root-only directory, opened, unlinked, then given to the client), so there
-is no path to keep for a later device on the same minor. Each device belongs
-to its connection; when the connection closes it is released. Limits count a
+One thread per connection. A connection is checked against the policy with
+the peer's credentials (``SO_PEERCRED``, ``SO_PEERGROUPS``) when it is
+accepted. The backing file arrives as a descriptor, so a client attaches
+only what it could open; its access mode decides read-only. The device goes
+back as descriptors on root's unlinked nodes (``_Grant``) that the broker
+sets to mode 0 before it releases the device, so nothing the client kept
+reaches a later device on the same minor. Each device belongs to its
+connection; when the connection closes it is released. Limits count a
 device against its owner until the kernel has released it.
 
 Uses only the public API (``loopdev.attach``, ``LoopDevice``, ``loopdev.errors``).
@@ -21,6 +21,7 @@ import fcntl
 import itertools
 import os
 import queue
+import re
 import resource
 import selectors
 import signal
@@ -55,6 +56,7 @@ DEFAULT_SOCKET = "/run/loopdev/broker.sock"
 INTERFACE_NAME = "io.loopdev"
 MAX_MESSAGE = 65536  # requests are small; a larger one is refused and ends the connection
 MAX_FDS = 8  # per request; Attach needs one
+SCM_MAX_FD = 253  # the kernel's limit of descriptors in one message (net/scm.h)
 MAX_CONNECTIONS = 1024
 MAX_DETACH_TIMEOUT = 10.0
 IDLE_WORKERS = 16  # threads kept waiting for the next connection
@@ -252,6 +254,7 @@ class _Owned:
     conn: int
     read_only: bool
     partscan: bool
+    grant: _Grant
 
 
 @dataclass(eq=False)  # compared by identity: each is one attachment
@@ -329,7 +332,131 @@ def _check_backing_fd(fd: int, policy: Policy) -> tuple[os.stat_result, bool]:
     mode = flags & os.O_ACCMODE
     if mode == os.O_WRONLY:
         raise refuse(errno.EBADF, "backing descriptor is write-only; a loop device reads it")
+    if mode == os.O_RDWR:
+        # Loop I/O writes at any offset whatever the descriptor says: an
+        # append-only file would be rewritten in place through the device.
+        if _inode_flags(fd) & (_native.FS_APPEND_FL | _native.FS_IMMUTABLE_FL):
+            raise refuse(
+                errno.EPERM,
+                "backing file is append-only or immutable (chattr +a/+i); "
+                "attach it read-only (open it O_RDONLY)",
+            )
+        if flags & os.O_APPEND:
+            raise refuse(
+                errno.EPERM,
+                "backing descriptor is O_APPEND, which a loop device would not honour; "
+                "open the file without O_APPEND, or read-only",
+            )
     return st, mode == os.O_RDONLY
+
+
+def _inode_flags(fd: int) -> int:
+    """The file's chattr flags; 0 where its file system has none."""
+    try:
+        raw = fcntl.ioctl(fd, _native.FS_IOC_GETFLAGS, bytes(8))
+    except OSError:
+        return 0  # ENOTTY, EOPNOTSUPP: no such flags there
+    flags: int = struct.unpack_from("i", raw)[0]  # the kernel writes an int
+    return flags
+
+
+class _Grant:
+    """The nodes handed over for one device, and the power to make them useless.
+
+    Each node is root's, unlinked, with mode 0666 (0444 read-only): whoever
+    holds a descriptor of it (the client, or a process that may ptrace the
+    client) can reopen it through ``/proc/PID/fd/N``, nobody can chmod it.
+    ``revoke()`` sets mode 0 through our ``O_PATH`` reference, so a reference
+    the client kept (``O_PATH``, ``/proc`` link) opens nothing any more: it is
+    called before the device is released and its minor can be bound again.
+    We also hold every partition open: a rescan (``LOOP_CHANGE_FD`` on a
+    read-only device rereads the table) then fails with EBUSY instead of
+    dropping partitions whose minors (major 259) would go to other disks.
+    """
+
+    def __init__(self, read_only: bool) -> None:
+        self.mode = 0o444 if read_only else 0o666
+        self.refs: list[int] = []  # O_PATH, one per node
+        self.held: list[int] = []  # our own descriptors of the partitions
+
+    def revoke(self) -> None:
+        for ref in self.refs:
+            os.chmod(f"/proc/self/fd/{ref}", 0)
+
+    def restore(self) -> None:
+        """The device stays the client's after all (a refused Detach)."""
+        for ref in self.refs:
+            os.chmod(f"/proc/self/fd/{ref}", self.mode)
+
+    def hold_partitions(self) -> None:
+        # refs[0] is the whole device's node, the others its partitions'.
+        for ref in self.refs[1:]:
+            self.held.append(os.open(f"/proc/self/fd/{ref}", os.O_RDONLY | os.O_CLOEXEC))
+
+    def let_partitions_go(self) -> None:
+        """Before the partitions are deleted (BLKPG refuses an open one)."""
+        _varlink.close_fds(self.held)
+        self.held = []
+
+    def close(self) -> None:
+        """Revoke and forget: the device is being released."""
+        self.revoke()
+        self.let_partitions_go()
+        _varlink.close_fds(self.refs)
+        self.refs = []
+
+
+# A live broker holds an exclusive flock on its node directory. Directories
+# of brokers from before that rule have no "<pid>." in their names and are
+# left alone: nothing tells whether they are still in use.
+_NODE_DIR_PREFIX = ".loopdev-broker."
+_NODE_DIR_NAME = re.compile(r"\.loopdev-broker\.[0-9]+\.[a-z0-9_]+")
+
+
+def _make_node_dir(parent: str) -> tuple[str, int]:
+    """Our root-only (0700) node directory, locked, and its descriptor.
+
+    Root-only: the client never reaches a node by path, not even in the
+    instant between mknod and unlink. It is locked before it gets the name
+    other brokers look for, so none of them can take it for a dead one.
+    """
+    staged = tempfile.mkdtemp(prefix=".loopdev-broker-new.", dir=parent)
+    fd = os.open(staged, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        path = os.path.join(
+            parent, f"{_NODE_DIR_PREFIX}{os.getpid()}.{os.path.basename(staged)[-8:]}"
+        )
+        os.rename(staged, path)
+    except BaseException:
+        os.close(fd)
+        os.rmdir(staged)
+        raise
+    return path, fd
+
+
+def _remove_dead_node_dirs(parent: str) -> list[str]:
+    """Remove the node directories of brokers that died (SIGKILL leaves them)."""
+    removed = []
+    for name in os.listdir(parent):
+        if not _NODE_DIR_NAME.fullmatch(name):
+            continue
+        path = os.path.join(parent, name)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            for node in os.listdir(fd):  # a node of a broker killed between mknod and unlink
+                os.unlink(node, dir_fd=fd)
+            os.rmdir(path)
+            removed.append(name)
+        except OSError:
+            pass  # locked: its broker is alive
+        finally:
+            os.close(fd)
+    return removed
 
 
 def _device_json(owned: _Owned, fd_index: int | None = None) -> tuple[dict[str, Any], list[Any]]:
@@ -390,7 +517,9 @@ class Broker:
     ) -> None:
         self.policy = policy
         self.timeout = timeout
-        self._log = log or _stderr_log
+        write = log or _stderr_log
+        # Method names, paths and error texts come from clients: one record, one line.
+        self._log: Callable[[str], None] = lambda line: write(_printable(line))
         self._lock = threading.Lock()
         self._owned: dict[str, _Owned] = {}  # by device name
         self._draining: list[_Draining] = []
@@ -411,29 +540,31 @@ class Broker:
                 "give loopdev serve --node-dir a directory on one without (e.g. /dev)",
                 backing=node_dir,
             )
-        # Root-only: the client never reaches a node by path, not even in the
-        # instant between mknod and unlink.
-        self.node_path = tempfile.mkdtemp(prefix=".loopdev-broker.", dir=node_dir)
-        os.chmod(self.node_path, 0o700)
-        self._node_dir = os.open(self.node_path, _native.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.node_path, self._node_dir = _make_node_dir(node_dir)
+        removed = _remove_dead_node_dirs(node_dir)
+        if removed:
+            self._log(f"removed the node directories of stopped brokers: {', '.join(removed)}")
 
     # --- connections --------------------------------------------------------------
 
     def accept(self, sock: socket.socket) -> None:
         """Take a new connection: refuse it over the limits, else serve it in a thread."""
         try:
-            peer = peer_of(sock)
+            # The kernel recorded these at connect; they never change on this
+            # socket, so they are read once. Groups only where the policy has any.
+            peer = peer_of(sock, groups_too=bool(self.policy.groups))
         except OSError:
             sock.close()
             return
-        over = self._count_connection(peer.uid)
-        if over is not None:
-            why = over.parameters["message"]
-            self._log(f"uid={peer.uid} pid={peer.pid} connect -> LimitReached ({why})")
+        refusal = self._admit(peer)
+        if refusal is not None:
+            why = refusal.parameters["message"]
+            kind = refusal.error.rpartition(".")[2]
+            self._log(f"uid={peer.uid} pid={peer.pid} connect -> {kind} ({why})")
             # Answered before any call: the client reads it as the reply to its first.
             sock.setblocking(False)
             try:
-                sock.send(_encode(_error_reply(over)))
+                sock.send(_encode(_error_reply(refusal)))
             except OSError:
                 pass
             sock.close()
@@ -482,8 +613,17 @@ class Broker:
                         return
                 job = self._jobs.get()  # claimed while we timed out: the job is coming
 
-    def _count_connection(self, uid: int) -> Refusal | None:
-        """Count a new connection of ``uid``; a refusal when over a limit."""
+    def _admit(self, peer: Peer) -> Refusal | None:
+        """Count a new connection of ``peer``; a refusal when the policy or a limit says no.
+
+        A user outside the policy is never counted: it cannot hold a slot.
+        """
+        if not self.policy.allows(peer):
+            return Refusal(
+                "io.loopdev.PermissionDenied",
+                message=f"uid {peer.uid} is not allowed to use this loopdev broker",
+            )
+        uid = peer.uid
         with self._lock:
             count = self._connections.get(uid, 0)
             if sum(self._connections.values()) >= MAX_CONNECTIONS:
@@ -516,7 +656,7 @@ class Broker:
                     break
                 if frame is None:
                     break
-                reply, fds = self._handle(conn_id, sock, frame)
+                reply, fds = self._handle(conn_id, peer, frame)
                 try:
                     if reply is not None:
                         conn.send(reply, fds)
@@ -571,6 +711,7 @@ class Broker:
         counted against its owner until then.
         """
         dev = owned.dev
+        owned.grant.close()  # before the minor can be bound again
         if dev.fd >= 0:
             try:
                 dev.detach(timeout=0.0)
@@ -591,7 +732,7 @@ class Broker:
     # --- requests -----------------------------------------------------------------
 
     def _handle(
-        self, conn_id: int, sock: socket.socket, frame: _varlink.Frame
+        self, conn_id: int, peer: Peer, frame: _varlink.Frame
     ) -> tuple[dict[str, Any] | None, list[int]]:
         """The reply to one message and the descriptors to send with it.
 
@@ -600,12 +741,6 @@ class Broker:
         start = time.monotonic()
         method = "?"
         detail: list[str] = []
-        try:
-            # On every request, not only at connect; groups only where the policy has any.
-            peer = peer_of(sock, groups_too=bool(self.policy.groups))
-        except OSError:
-            _varlink.close_fds(frame.fds)
-            return None, []
         oneway = False
         reply: dict[str, Any]
         fds: list[int] = []
@@ -620,11 +755,6 @@ class Broker:
                 if interface in (INTERFACE_NAME, "org.varlink.service"):
                     raise Refusal(_varlink.METHOD_NOT_FOUND, method=call.method)
                 raise Refusal(_varlink.INTERFACE_NOT_FOUND, interface=interface)
-            if not self.policy.allows(peer):
-                raise Refusal(
-                    "io.loopdev.PermissionDenied",
-                    message=f"uid {peer.uid} is not allowed to use this loopdev broker",
-                )
             params = _varlink.check_parameters(call.parameters, schema)
             parameters, fds = self._dispatch(call.method, params, frame.fds, conn_id, peer, detail)
             reply = {"parameters": parameters}
@@ -746,13 +876,24 @@ class Broker:
             self._unreserve(peer.uid)
             raise
         detail.append(f"device={dev.name}{' ro' if read_only else ''}")
-        owned = _Owned(dev, peer.uid, peer.pid, conn_id, read_only, bool(params["partscan"]))
+        grant = _Grant(read_only)
+        owned = _Owned(dev, peer.uid, peer.pid, conn_id, read_only, bool(params["partscan"]), grant)
         handed: list[int] = []
         try:
             device, parts = _device_json(owned, fd_index=0)
-            handed.append(self._hand_over(LOOP_MAJOR, dev.minor, peer, read_only))
+            if 1 + len(parts) > SCM_MAX_FD:
+                raise Refusal(
+                    "io.loopdev.LimitReached",
+                    limit="descriptors",
+                    max=SCM_MAX_FD,
+                    message=f"{dev.name} has {len(parts)} partitions; a reply carries at "
+                    f"most {SCM_MAX_FD} descriptors: the device and {SCM_MAX_FD - 1} partitions",
+                )
+            rdev = os.fstat(dev.fd).st_rdev  # the real dev_t, whatever max_part is
+            handed.append(self._hand_over(os.major(rdev), os.minor(rdev), grant))
             for part in parts:
-                handed.append(self._hand_over(part.major, part.minor, peer, read_only))
+                handed.append(self._hand_over(part.major, part.minor, grant))
+            grant.hold_partitions()
         except BaseException:
             _varlink.close_fds(handed)
             with self._lock:
@@ -771,25 +912,24 @@ class Broker:
         if not self._reserved_by[uid]:
             del self._reserved_by[uid]
 
-    def _hand_over(self, major: int, minor: int, peer: Peer, read_only: bool) -> int:
-        """An open descriptor of ``major:minor`` on an inode ``peer`` owns, linked nowhere."""
+    def _hand_over(self, major: int, minor: int, grant: _Grant) -> int:
+        """An open descriptor of ``major:minor`` on a node of ``grant``, linked nowhere."""
         name = f"{major}.{minor}.{next(self._node_ids)}"
         # Mode 0 until it is unlinked and ours alone; root opens it anyway.
         os.mknod(name, stat.S_IFBLK, os.makedev(major, minor), dir_fd=self._node_dir)
+        fd = -1
         try:
-            fd = os.open(
-                name,
-                (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC,
-                dir_fd=self._node_dir,
-            )
+            grant.refs.append(os.open(name, _native.O_PATH | os.O_CLOEXEC, dir_fd=self._node_dir))
+            read_only = grant.mode == 0o444
+            flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+            fd = os.open(name, flags, dir_fd=self._node_dir)
+            os.fchmod(fd, grant.mode)  # root stays the owner: the client cannot chmod it
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            raise
         finally:
             os.unlink(name, dir_fd=self._node_dir)
-        try:
-            os.fchmod(fd, 0o400 if read_only else 0o600)  # while root owns it
-            os.fchown(fd, peer.uid, peer.gid)
-        except BaseException:
-            os.close(fd)
-            raise
         return fd
 
     def _detach(self, params: dict[str, Any], conn_id: int, detail: list[str]) -> dict[str, Any]:
@@ -805,11 +945,16 @@ class Broker:
                 raise Refusal("io.loopdev.NoSuchDevice", name=name)
             entry = self._let_go(owned)
         dev = owned.dev
+        grant = owned.grant
+        grant.revoke()  # before the minor can be bound again
+        grant.let_partitions_go()
         try:
             dev.detach(timeout=timeout)
         except DeviceBusy:
             if dev.fd >= 0:
-                # A partition is held: nothing changed, the device stays ours.
+                # A partition is held: nothing changed, the device stays the client's.
+                grant.restore()
+                grant.hold_partitions()
                 with self._lock:
                     self._draining.remove(entry)
                     self._owned[name] = owned
@@ -819,6 +964,7 @@ class Broker:
         except OSError:
             self._release(owned, entry)
             raise
+        grant.close()
         self._forget(entry)
         return {}
 
@@ -843,11 +989,11 @@ class Broker:
             thread.join(max(0.0, deadline - time.monotonic()))
 
     def close(self) -> None:
-        os.close(self._node_dir)
         try:
-            os.rmdir(self.node_path)
+            os.rmdir(self.node_path)  # still locked: no other broker touches it meanwhile
         except OSError:
             pass
+        os.close(self._node_dir)
 
 
 def _encode(reply: dict[str, Any]) -> bytes:
@@ -861,6 +1007,13 @@ def _error_reply(refusal: Refusal) -> dict[str, Any]:
 
 
 _log_lock = threading.Lock()
+# Control characters (C0, DEL, C1) and the backslash, as Python escapes them.
+_UNPRINTABLE = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+_UNPRINTABLE.update({ord("\\"): "\\\\", ord("\n"): "\\n", ord("\t"): "\\t"})
+
+
+def _printable(line: str) -> str:
+    return line.translate(_UNPRINTABLE)
 
 
 def _stderr_log(line: str) -> None:
@@ -892,8 +1045,15 @@ def _activated_socket() -> socket.socket | None:
 
 
 def listen(path: str) -> socket.socket:
-    """A listening socket at ``path`` that everybody may connect to (the policy decides)."""
-    os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+    """A listening socket at ``path`` that everybody may connect to (the policy decides).
+
+    The socket gets its mode in a directory of its own and is renamed into
+    place: it never exists at ``path`` with another mode, and nothing is done
+    by name where others could swap the name.
+    """
+    parent = os.path.dirname(path) or "."
+    os.makedirs(parent, mode=0o755, exist_ok=True)
+    _check_socket_dir(parent)
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -910,15 +1070,35 @@ def listen(path: str) -> socket.socket:
             raise LoopError(errno.EADDRINUSE, "another broker serves this socket", backing=path)
         finally:
             probe.close()
+    private = tempfile.mkdtemp(prefix=".loopdev-serve.", dir=parent)  # 0700, ours
+    staged = os.path.join(private, "sock")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
-        sock.bind(path)
-        os.chmod(path, 0o666)
+        sock.bind(staged)
+        os.chmod(staged, 0o666)
         sock.listen(128)
+        os.rename(staged, path)
     except BaseException:
         sock.close()
         raise
+    finally:
+        if os.path.lexists(staged):
+            os.unlink(staged)
+        os.rmdir(private)
     return sock
+
+
+def _check_socket_dir(parent: str) -> None:
+    """Refuse a directory where others could replace the socket path under us."""
+    st = os.stat(parent)
+    others_write = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    if others_write and not (st.st_mode & stat.S_ISVTX and st.st_uid == os.geteuid()):
+        raise LoopError(
+            errno.EPERM,
+            "the socket's directory is writable by others (and not sticky and ours): "
+            "choose one only root can write, such as /run/loopdev",
+            backing=parent,
+        )
 
 
 def _raise_fd_limit() -> None:

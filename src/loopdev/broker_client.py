@@ -131,11 +131,19 @@ def call(
     fds: Sequence[int] = (),
 ) -> tuple[dict[str, Any], list[int]]:
     """One call: the reply's parameters and the descriptors that came with it (ours to close)."""
+    unsent: Exception | None = None
     try:
         conn.send({"method": method, "parameters": parameters}, fds)
+    except (_varlink.ProtocolError, OSError) as exc:
+        # The broker may have answered at connect (PermissionDenied, a limit)
+        # and closed: that answer is still ours to read.
+        unsent = exc
+    try:
         frame = conn.receive(idle_timeout=REPLY_TIMEOUT)
     except (_varlink.ProtocolError, _varlink.IdleTimeout, OSError) as exc:
         raise BrokerError(errno.EPROTO, f"no reply from the loopdev broker: {exc}") from None
+    if frame is None and unsent is not None:
+        raise BrokerError(errno.EPROTO, f"no reply from the loopdev broker: {unsent}")
     if frame is None:
         raise BrokerError(errno.ECONNRESET, "the loopdev broker closed the connection")
     try:
