@@ -308,3 +308,36 @@ def test_socket_is_made_with_its_mode(tmp_path: Path) -> None:
         probe.close()
     finally:
         listener.close()
+
+
+def test_partition_minors_cannot_be_given_away_by_a_rescan(
+    space: Path,  # noqa: F811
+    server: Server,  # noqa: F811
+) -> None:
+    """LOOP_CHANGE_FD (allowed on a read-only device) rereads the table: the broker holds
+    the partitions open, so they stay, and their minors cannot go to other disks."""
+    image = gpt_image(space / "mine.img")
+    other = gpt_image(space / "other.img")
+    os.chmod(image, 0o644)
+    got = as_user(
+        """
+import fcntl
+from loopdev import _native
+def parts(name):
+    return sorted((e, open(f"/sys/block/{name}/{e}/dev").read().strip())
+                  for e in os.listdir(f"/sys/block/{name}") if e.startswith(name + "p"))
+fd = os.open(sys.argv[1], os.O_RDONLY)
+dev = loopdev.attach(fd, partscan=True)
+before = parts(dev.name)
+for part in dev.partitions:  # an attacker lets go of its own partition descriptors
+    os.dup2(os.open("/dev/null", os.O_RDONLY), part.fd)
+other = os.open(sys.argv[2], os.O_RDONLY)
+fcntl.ioctl(dev.fd, _native.LOOP_CHANGE_FD, other)
+out(before=before, after=parts(dev.name))
+dev.detach()
+""",
+        str(image),
+        str(other),
+        broker=server.socket,
+    )
+    assert len(got[0]["before"]) == 2 and got[0]["after"] == got[0]["before"]
