@@ -48,7 +48,7 @@ from brokerlib import (
 )
 
 import loopdev
-from loopdev import _varlink, broker
+from loopdev import _interface, _varlink, broker
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -965,8 +965,18 @@ def test_serve_usage_errors(args: list[str]) -> None:
     assert done.returncode == 2 and "error: argument" in done.stderr, done.stderr
 
 
-def test_interface_file_is_what_the_server_describes() -> None:
-    assert (ROOT / "docs" / "io.loopdev.varlink").read_text() == broker.INTERFACE
+def test_interface_is_defined_once_and_described() -> None:
+    """The server describes itself with the interface file, the only copy in the tree;
+    its methods' parameters and its errors come from there."""
+    text = (ROOT / "src" / "loopdev" / "io.loopdev.varlink").read_text()
+    assert broker.INTERFACE == text
+    places = [ROOT / d for d in ("src", "docs", "contrib", "tests")]
+    files = [p for d in places for p in d.rglob("*") if p.is_file() and p.suffix != ".so"]
+    copies = [p for p in files if "\ninterface io.loopdev\n" in p.read_text(errors="ignore")]
+    assert copies == [ROOT / "src" / "loopdev" / "io.loopdev.varlink"], copies
+    assert broker._SCHEMAS["io.loopdev.Attach"]["file"] == ("int", False)
+    assert broker._SCHEMAS["io.loopdev.Detach"]["timeout"] == ("float", True)
+    assert set(_interface.LOOP_ERRORS) <= _interface.ERRORS
 
 
 # --- 5. load -----------------------------------------------------------------------

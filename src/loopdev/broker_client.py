@@ -18,17 +18,9 @@ import stat
 from collections.abc import Sequence
 from typing import Any
 
-from loopdev import _varlink
+from loopdev import _interface, _varlink
 from loopdev.device import LoopDevice
-from loopdev.errors import (
-    BackingFileError,
-    ConfigureError,
-    DeviceBusy,
-    LoopError,
-    NoFreeDevice,
-    PartitionTableError,
-    UnsupportedByKernel,
-)
+from loopdev.errors import BackingFileError, ConfigureError, LoopError, NoFreeDevice
 from loopdev.partitions import PartitionDevice
 
 TYPE_CHECKING = False
@@ -69,40 +61,24 @@ class BadRequest(BrokerError):
     """The broker did not understand the request (a client or version mismatch)."""
 
 
-_LOOP_ERRORS: dict[str, type[LoopError]] = {
-    cls.__name__: cls
-    for cls in (
-        BackingFileError,
-        ConfigureError,
-        NoFreeDevice,
-        DeviceBusy,
-        UnsupportedByKernel,
-        LoopError,
-    )
-}
-
-
 def _error(name: object, parameters: object) -> LoopError:
     """The exception for a Varlink error reply."""
     params: dict[str, Any] = parameters if isinstance(parameters, dict) else {}
     message = params.get("message")
     text = message if isinstance(message, str) else f"{name}: {params}"
-    device = params.get("device") if isinstance(params.get("device"), str) else None
-    backing = params.get("backing") if isinstance(params.get("backing"), str) else None
-    short = name.rpartition(".")[2] if isinstance(name, str) else ""
-    if name == "io.loopdev.PermissionDenied":
+    if not isinstance(name, str):
+        return BrokerError(errno.EPROTO, f"the broker failed: {text}")
+    loop_error = _interface.loop_error(name, params)
+    if loop_error is not None:
+        return loop_error
+    if name == f"{_interface.NAME}.PermissionDenied":
         return PermissionDenied(errno.EACCES, text)
-    if name == "io.loopdev.LimitReached":
+    if name == f"{_interface.NAME}.LimitReached":
         return LimitReached(errno.EDQUOT, text)
-    if name == "io.loopdev.NoSuchDevice":
+    if name == f"{_interface.NAME}.NoSuchDevice":
+        device = params.get("name") if isinstance(params.get("name"), str) else None
         return BrokerError(errno.ENXIO, "not a device of this connection", device=device)
-    if name == "io.loopdev.PartitionTableError":
-        return PartitionTableError(text, device=device, backing=backing)
-    if isinstance(name, str) and name.startswith("io.loopdev.") and short in _LOOP_ERRORS:
-        err = params.get("errno")
-        code = err if type(err) is int and err > 0 else errno.EIO
-        return _LOOP_ERRORS[short](code, text, device=device, backing=backing)
-    if name == "io.loopdev.BadRequest" or str(name).startswith("org.varlink.service."):
+    if name == f"{_interface.NAME}.BadRequest" or name.startswith("org.varlink.service."):
         return BadRequest(errno.EPROTO, f"the broker refused the request: {text}")
     return BrokerError(errno.EPROTO, f"the broker failed: {text}")
 

@@ -30,6 +30,15 @@ def _device_name(rdev: int) -> str | None:
     return os.path.basename(link)
 
 
+def is_loop_block(rdev: int) -> bool:
+    """Whether block device ``rdev`` is a loop device or a partition of one (True where
+    sysfs cannot tell: a caller refusing loop devices refuses it too)."""
+    if os.major(rdev) == _native.LOOP_MAJOR:
+        return True
+    name = _device_name(rdev)
+    return name is None or name.startswith("loop")
+
+
 def _is_ours_to_replace(st: os.stat_result) -> bool:
     """A block node with numbers loop devices and their partitions get (majors 7 and
     259), for no device now or for a loop device or partition: loopdev's kind."""

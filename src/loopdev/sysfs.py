@@ -80,6 +80,14 @@ def backing_file(name: str) -> str | None:
     return os.fsdecode(raw.rstrip(b"\n")) or None
 
 
+def diskseq(name: str) -> int | None:
+    """The disk sequence number of ``name`` (unique per attachment; 5.15+), or None."""
+    try:
+        return read_int(name, "diskseq")
+    except (OSError, ValueError):
+        return None
+
+
 def read_int(name: str, attr: str) -> int:
     """An integer attribute below ``/sys/block/NAME`` (e.g. ``loop/offset``)."""
     with open(f"{SYS_BLOCK}/{name}/{attr}", "rb") as f:
