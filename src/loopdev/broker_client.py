@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import socket
 import stat
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -100,6 +102,61 @@ def connect(path: str) -> _varlink.Connection:
     )
 
 
+class _Idle:
+    """This process's connections that hold no device, kept for the next attach.
+
+    A device still has a connection of its own (closing it releases the
+    device); only a connection whose device was detached is reused, which
+    saves the broker a new connection (its accept and a worker) per attach.
+    A forked child never uses its parent's: they share the socket.
+    """
+
+    MAX = 2  # per broker: sequential attach/detach needs one
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        self._conns: dict[str, list[_varlink.Connection]] = {}
+
+    def take(self, path: str) -> _varlink.Connection | None:
+        with self._lock:
+            self._forget_parents()
+            conns = self._conns.get(path, [])
+            while conns:
+                conn = conns.pop()
+                if _still_open(conn):
+                    return conn
+                conn.close()
+        return None
+
+    def give(self, path: str, conn: _varlink.Connection) -> None:
+        with self._lock:
+            self._forget_parents()
+            conns = self._conns.setdefault(path, [])
+            if len(conns) < self.MAX:
+                conns.append(conn)
+                return
+        conn.close()
+
+    def _forget_parents(self) -> None:
+        if self._pid != os.getpid():
+            for conns in self._conns.values():
+                for conn in conns:
+                    conn.close()  # our copy only: the parent's socket stays open
+            self._conns = {}
+            self._pid = os.getpid()
+
+
+def _still_open(conn: _varlink.Connection) -> bool:
+    """Whether the broker kept an idle connection (it closes them after its --timeout)."""
+    poller = select.poll()
+    poller.register(conn.sock, select.POLLIN)
+    return not poller.poll(0)  # a reused connection gets nothing unasked but EOF
+
+
+_IDLE = _Idle()
+
+
 def call(
     conn: _varlink.Connection,
     method: str,
@@ -118,10 +175,9 @@ def call(
         frame = conn.receive(idle_timeout=REPLY_TIMEOUT)
     except (_varlink.ProtocolError, _varlink.IdleTimeout, OSError) as exc:
         raise BrokerError(errno.EPROTO, f"no reply from the loopdev broker: {exc}") from None
-    if frame is None and unsent is not None:
-        raise BrokerError(errno.EPROTO, f"no reply from the loopdev broker: {unsent}")
     if frame is None:
-        raise BrokerError(errno.ECONNRESET, "the loopdev broker closed the connection")
+        why = f" ({unsent})" if unsent is not None else ""
+        raise BrokerError(errno.ECONNRESET, f"the loopdev broker closed the connection{why}")
     try:
         reply = _parse(frame)
     except BaseException:
@@ -183,12 +239,15 @@ class BrokerDevice(LoopDevice):
     process ending) lets the broker release it without waiting.
     """
 
-    def __init__(self, conn: _varlink.Connection, device: dict[str, Any], fds: list[int]) -> None:
+    def __init__(
+        self, conn: _varlink.Connection, device: dict[str, Any], fds: list[int], broker: str
+    ) -> None:
         name = device["name"]
         super().__init__(int(name[4:]), fds[device["fd"]], owned=True)
         self.path = f"/proc/{os.getpid()}/fd/{self._fd}"
         self.read_only: bool = device["read_only"]
         self._conn: _varlink.Connection | None = conn
+        self._broker = broker
         self._parts = [BrokerPartition.from_reply(p, fds[p["fd"]]) for p in device["partitions"]]
 
     @property
@@ -203,8 +262,10 @@ class BrokerDevice(LoopDevice):
             return
         try:
             call(conn, "io.loopdev.Detach", {"name": self.name, "timeout": timeout})
-        finally:
+        except BaseException:
             conn.close()
+            raise
+        _IDLE.give(self._broker, conn)
 
     def close(self) -> None:
         """Close our descriptors and the connection; the broker releases the device."""
@@ -297,20 +358,32 @@ def attach(
             "(its devices are released with their connection, its nodes are descriptors)",
             backing=where,
         )
+    params = {
+        "file": 0,
+        "read_only": read_only,
+        "partscan": partscan,
+        "offset": offset,
+        "sizelimit": sizelimit,
+        "block_size": block_size,
+        "direct_io": None if direct_io == "auto" else direct_io,
+    }
     fd, opened = _open_backing(backing, read_only)
     try:
-        conn = connect(broker)
+        conn = _IDLE.take(broker)
+        reused = conn is not None
+        if conn is None:
+            conn = connect(broker)
         try:
-            params = {
-                "file": 0,
-                "read_only": read_only,
-                "partscan": partscan,
-                "offset": offset,
-                "sizelimit": sizelimit,
-                "block_size": block_size,
-                "direct_io": None if direct_io == "auto" else direct_io,
-            }
-            reply, fds = call(conn, "io.loopdev.Attach", params, [fd])
+            try:
+                reply, fds = call(conn, "io.loopdev.Attach", params, [fd])
+            except BrokerError as exc:
+                if not (reused and exc.errno == errno.ECONNRESET):
+                    raise
+                # The broker closed the idle connection before it read the
+                # call (its --timeout): nothing was attached; once more anew.
+                conn.close()
+                conn = connect(broker)
+                reply, fds = call(conn, "io.loopdev.Attach", params, [fd])
             try:
                 device = _device_entry(reply, len(fds))
                 used = {device["fd"]} | {p["fd"] for p in device["partitions"]}
@@ -318,7 +391,7 @@ def attach(
             except BaseException:
                 _varlink.close_fds(fds)
                 raise
-            return BrokerDevice(conn, device, fds)
+            return BrokerDevice(conn, device, fds, broker)
         except BaseException:
             conn.close()
             raise
