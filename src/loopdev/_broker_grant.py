@@ -43,14 +43,17 @@ class Grant:
         self.mode = 0o444 if read_only else 0o666
         self._refs: list[int] = []  # O_PATH, one per node: the device's first
         self._held: list[int] = []  # our own descriptors of the partitions
+        self._revoked = False
 
     def add(self, ref: int) -> None:
         self._refs.append(ref)
 
     def revoke(self) -> None:
         """Before the device can be released: no node of it opens any more."""
-        for ref in self._refs:
-            os.chmod(f"/proc/self/fd/{ref}", 0)
+        if not self._revoked:
+            for ref in self._refs:
+                os.chmod(f"/proc/self/fd/{ref}", 0)
+            self._revoked = True
         _varlink.close_fds(self._held)  # BLKPG refuses to delete an open partition
         self._held = []
 
@@ -58,6 +61,7 @@ class Grant:
         """The device stays the client's after all (a refused Detach)."""
         for ref in self._refs:
             os.chmod(f"/proc/self/fd/{ref}", self.mode)
+        self._revoked = False
         self.hold_partitions()
 
     def hold_partitions(self) -> None:

@@ -247,12 +247,12 @@ def check_backing(fd: int, policy: Policy) -> tuple[os.stat_result, bool]:
     ``BackingFileError`` for a descriptor of the wrong kind, as ``attach()``
     raises for a path of the wrong kind.
     """
-    try:
-        path: str | None = os.readlink(f"/proc/self/fd/{fd}")
-    except OSError:
-        path = None
 
     def refuse(err: int, message: str) -> BackingFileError:
+        try:
+            path: str | None = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            path = None
         return BackingFileError(err, message, backing=path)
 
     try:
