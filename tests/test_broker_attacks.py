@@ -340,3 +340,35 @@ dev.detach()
         broker=server.socket,
     )
     assert len(got[0]["before"]) == 2 and got[0]["after"] == got[0]["before"]
+
+
+def test_reply_that_cannot_carry_its_descriptors_fails_clearly(
+    space: Path,  # noqa: F811
+    server: Server,  # noqa: F811
+) -> None:
+    """Finding 7: a device with 253 partitions needs 254 descriptors, more than a message
+    carries: LimitReached, nothing left bound, and the log says so (it said ok)."""
+    image = make_image(space / "many.img", size=2 * 1024 * 1024)
+    script = "label: gpt\ntable-length: 256\n" + "".join(
+        f"start={2048 + i}, size=1\n" for i in range(253)
+    )
+    subprocess.run(
+        ["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", str(image)],
+        input=script,
+        text=True,
+        check=True,
+        capture_output=True,
+    )
+    got = as_user(
+        """
+try:
+    loopdev.attach(sys.argv[1], partscan=True)
+except OSError as exc:
+    out(kind=type(exc).__name__, text=str(exc))
+""",
+        str(image),
+        broker=server.socket,
+    )
+    assert got[0]["kind"] == "LimitReached" and "253 descriptors" in got[0]["text"], got
+    assert poll(lambda: not bound_under(space), 3)
+    assert "Attach" in server.log_text() and "LimitReached" in server.log_text()
