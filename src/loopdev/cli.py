@@ -443,6 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Set up and control loop devices (a losetup work-alike).",
     )
     parser.add_argument("--debug", action="store_true", help="show the traceback on errors")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(
@@ -539,7 +540,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("resize", cmd_resize, "re-read the backing file's size (losetup -c)")
     p.add_argument("device", metavar="DEVICE")
     _serve_arguments(command("serve", cmd_serve, "serve loop devices to other users (root)"))
+    # Documentation only: main() hands "losetup ..." to loopdev.losetup before parsing.
+    p = sub.add_parser(
+        "losetup",
+        add_help=False,
+        help="util-linux losetup's syntax and output (also run as `losetup`)",
+        description="util-linux 2.38 losetup's options, output and exit codes",
+    )
+    p.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS")
     return parser
+
+
+def _version() -> str:
+    from loopdev import __version__
+
+    return __version__
 
 
 # --- serve -------------------------------------------------------------------------
@@ -661,8 +676,17 @@ _OPTIONAL_VALUES = {"--wait": "--wait=10"}
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
-    parser = build_parser()
     given = sys.argv[1:] if argv is None else argv
+    # Busybox style: the same program under the name losetup is the drop-in.
+    if argv is None and os.path.basename(sys.argv[0]) == "losetup":
+        from loopdev import losetup
+
+        return losetup.main(given)
+    if given[:1] == ["losetup"]:
+        from loopdev import losetup
+
+        return losetup.main(given[1:], prog=f"{PROG} losetup")
+    parser = build_parser()
     args = parser.parse_args([_OPTIONAL_VALUES.get(arg, arg) for arg in given])
     if args.command == "detach" and args.all == bool(args.targets):
         parser.error("detach needs DEVICE or FILE arguments, or --all (not both)")
