@@ -81,11 +81,20 @@ echo "== version"
 losetup -V >/dev/null
 echo "rc=$?"
 form detach losetup -d "$A" "$B" "$P"
-form detach-again losetup -d "$A"
-form show-unbound losetup "$A"
-form capacity-unbound losetup -c "$A"
-# LOOPDEV FILE: a device chosen by the caller (the one -f names).
-F=$(losetup -f)
-form attach-chosen losetup "$F" a.img
+# Devices that do not exist (a device we released may be another user's now).
+form error-detach-missing losetup -d /dev/loop999999
+form error-show-missing losetup /dev/loop999999
+form error-capacity-missing losetup -c /dev/loop999999
+# LOOPDEV FILE: a device chosen by the caller (the one -f names; another
+# allocator may take it first, then it is busy and -f names the next one).
+echo "== attach-chosen"
+for _ in 1 2 3 4 5; do
+  F=$(losetup -f)
+  losetup "$F" a.img
+  rc=$?
+  [ $rc -ne 0 ] || break
+done
+echo "rc=$rc"
+F=$(losetup -j a.img | cut -d: -f1)
 form attach-chosen-check ours losetup -j a.img
-form detach-rest losetup -d "$C" "$D" "$F"
+form detach-rest losetup -d "$C" "$D" $F
