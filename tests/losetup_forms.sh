@@ -88,11 +88,12 @@ form error-capacity-missing losetup -c /dev/loop999999
 # LOOPDEV FILE: a device chosen by the caller (the one -f names; another
 # allocator may take it first, then it is busy and -f names the next one).
 echo "== attach-chosen"
-for _ in 1 2 3 4 5; do
+for _ in $(seq 20); do
   F=$(losetup -f)
-  losetup "$F" a.img
+  losetup "$F" a.img 2>/dev/null
   rc=$?
   [ $rc -ne 0 ] || break
+  sleep 0.1
 done
 echo "rc=$rc"
 F=$(losetup -j a.img | cut -d: -f1)
