@@ -16,7 +16,7 @@ import pytest
 from helpers import MOUNT, MiB, backing_of, bound_under, poll, run_cli, wait_unbound
 
 from loopdev import LoopControl, WriteBackError
-from loopdev.device import attach
+from loopdev.device import attach, find
 
 UMOUNT = "umount"
 
@@ -123,3 +123,61 @@ def test_detach_with_room_returns_normally(tmp_path: Path, devices: None) -> Non
     dev.detach()
     with open(image, "rb") as f:
         assert f.read(MiB) == b"\xa5" * MiB
+
+
+# --- item 2: backing files are told apart by the kernel's device and inode ----------------
+
+
+def cli_ok(*args: str) -> str:
+    done = run_cli(*args)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_names_ending_in_newline_are_other_files(tmp_path: Path, devices: None) -> None:
+    plain = sparse(tmp_path / "img", 4 * MiB)
+    newline = sparse(tmp_path / "img\n", 4 * MiB)
+    other = attach(newline, autoclear=False)
+    try:
+        assert find(plain) == []
+        assert [i.name for i in find(newline)] == [other.name]
+        assert cli_ok("find", str(plain)) == ""
+        # -L must not reuse the device of "img\n".
+        shown = cli_ok("attach", "--show", "-L", str(plain)).strip()
+        assert shown != other.path
+        assert [i.path for i in find(plain)] == [shown]
+        # detach-by-file detaches the device of "img" only.
+        cli_ok("detach", str(plain))
+        # (helpers.bound_under strips every newline: it would see "img\n" as "img".)
+        assert poll(lambda: find(plain) == [], 3)
+        assert [i.name for i in find(newline)] == [other.name]
+        assert other.info().backing_file == str(newline)
+    finally:
+        other.detach()
+
+
+def test_a_live_deleted_looking_name_is_not_the_deleted_file(tmp_path: Path, devices: None) -> None:
+    gone = sparse(tmp_path / "x.img", 4 * MiB)
+    dev = attach(gone, autoclear=False)
+    try:
+        os.unlink(gone)
+        live = sparse(tmp_path / "x.img (deleted)", 4 * MiB)
+        assert backing_of(dev.minor) == str(live)  # what sysfs shows: the same text
+        assert find(live) == []
+        assert cli_ok("find", str(live)) == ""
+        cli_ok("detach", str(live))
+        assert backing_of(dev.minor) == str(live)  # still bound: not that file
+        shown = cli_ok("attach", "--show", "-L", str(live)).strip()
+        assert shown != dev.path
+        cli_ok("detach", shown)
+    finally:
+        dev.detach()
+
+
+def test_find_sees_a_hard_link(tmp_path: Path, devices: None) -> None:
+    """Same inode under another name: the same file."""
+    first = sparse(tmp_path / "a.img", 4 * MiB)
+    os.link(first, tmp_path / "b.img")
+    with attach(first) as dev:
+        assert [i.name for i in find(tmp_path / "b.img")] == [dev.name]
+        assert cli_ok("find", str(tmp_path / "b.img")).strip() == dev.path

@@ -115,6 +115,64 @@ def open_device(index: int, dir_fd: int | None = None, *, private_nodes: bool = 
     raise errors.UnexpectedDevice(index, st.st_rdev, st.st_mode)
 
 
+def backing_id(index: int) -> tuple[int, int] | None:
+    """``(st_dev, st_ino)`` of ``loop{index}``'s backing file as the kernel holds it
+    (``lo_device``, ``lo_inode`` of LOOP_GET_STATUS64); None when unbound.
+
+    The one exact way to tell which file backs a device: names are for display
+    (sysfs appends " (deleted)" to an unlinked file's, and a name may end in
+    newlines). A brief read-only open; a missing or wrong node in /dev is
+    passed by through a private node (read-write: the C helper opens so).
+    Where the device cannot be opened at all (no permission, no CAP_MKNOD),
+    the file sysfs names is all there is: it is stat()ed instead.
+    """
+    name = f"loop{index}"
+    if sysfs.backing_file(name) is None:
+        return None  # unbound: not worth an open (and attachers race for those)
+    try:
+        fd = _open_for_status(index)
+    except OSError as exc:
+        if exc.errno in (errno.ENXIO, errno.ENODEV):
+            return None  # in rundown, or removed meanwhile
+        return _id_by_name(name)
+    try:
+        info = _native.get_status(fd, device=device_path(index))
+    except errors.LoopError as exc:
+        if exc.errno == errno.ENXIO:
+            return None
+        raise
+    finally:
+        os.close(fd)
+    return info.lo_device, info.lo_inode
+
+
+def _open_for_status(index: int) -> int:
+    try:
+        fd = os.open(device_path(index), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        if sysfs.devt(f"loop{index}") is None:
+            raise OSError(errno.ENODEV, "removed") from None
+        return _open_private(index)
+    try:
+        st = os.fstat(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    if stat.S_ISBLK(st.st_mode) and st.st_rdev == os.makedev(*sysfs.loop_devt(index)):
+        return fd
+    os.close(fd)
+    return _open_private(index)
+
+
+def _id_by_name(name: str) -> tuple[int, int] | None:
+    path = sysfs.backing_file(name)
+    try:
+        st = os.stat(path) if path is not None else None
+    except OSError:
+        return None  # unlinked (" (deleted)") or unreachable from here
+    return None if st is None else (st.st_dev, st.st_ino)
+
+
 def _open_private(index: int) -> int:
     dev_dir = os.open(DEV, _native.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:

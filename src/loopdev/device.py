@@ -159,8 +159,9 @@ def devices() -> list[DeviceInfo]:
 def find(path: str | os.PathLike[str], offset: int | None = None) -> list[DeviceInfo]:
     """Devices backed by ``path`` (same device and inode), optionally at ``offset``.
 
-    Reads sysfs only: opening each device to ask LOOP_GET_STATUS64 would
-    delay the release of devices that their owners are detaching.
+    The kernel's device and inode of each bound device's file
+    (LOOP_GET_STATUS64, a brief read-only open), never its name: a name may
+    end in a newline or in " (deleted)", and a hard link has another.
     """
     try:
         st = os.stat(path)
@@ -169,19 +170,9 @@ def find(path: str | os.PathLike[str], offset: int | None = None) -> list[Device
             exc.errno or errno.ENOENT, "cannot use the backing file", backing=os.fspath(path)
         ) from None
     want = (st.st_dev, st.st_ino)
-    same: dict[str, bool] = {}  # backing path -> same file; one stat per path
     found = []
     for name in _loop_names():
-        backing = sysfs.backing_file(name)
-        if backing is None:
-            continue
-        if backing not in same:
-            try:
-                other = os.stat(backing)
-            except OSError:
-                other = None  # unlinked (" (deleted)") or unreachable: not this inode
-            same[backing] = other is not None and (other.st_dev, other.st_ino) == want
-        if not same[backing]:
+        if _engine.backing_id(int(name[4:])) != want:
             continue
         info = device_info(name)
         if info is not None and (offset is None or info.offset == offset):
@@ -277,7 +268,7 @@ class LoopDevice:
         if timeout <= 0:
             return
         try:
-            sysfs.wait_released(self.name, self._backing_st, timeout)
+            sysfs.wait_released(self.name, self._backing_st, timeout, self.diskseq)
         except TimeoutError:
             raise DeviceBusy(
                 errno.EBUSY,

@@ -62,6 +62,8 @@ def backing_file(name: str) -> str | None:
     """Full backing path of ``loopN`` (the ioctl cuts it at 64 bytes); None when unbound.
 
     The kernel appends " (deleted)" when the file was unlinked; that stays.
+    For display: a name cannot tell files apart (a live file may be called
+    "x (deleted)"); ``_engine.backing_id`` can.
     """
     try:
         fd = os.open(f"{SYS_BLOCK}/{name}/loop/backing_file", os.O_RDONLY | os.O_CLOEXEC)
@@ -77,7 +79,8 @@ def backing_file(name: str) -> str | None:
         raise
     finally:
         os.close(fd)
-    return os.fsdecode(raw.rstrip(b"\n")) or None
+    # The kernel adds one newline; more belong to the name.
+    return os.fsdecode(raw[:-1] if raw.endswith(b"\n") else raw) or None
 
 
 def diskseq(name: str) -> int | None:
@@ -94,10 +97,22 @@ def read_int(name: str, attr: str) -> int:
         return int(f.read().strip() or 0)
 
 
-def _bound_to(name: str, st: os.stat_result | None) -> bool:
+def diskseq(name: str) -> int | None:
+    """``/sys/block/NAME/diskseq``: new for every binding (5.15+); None where unreadable."""
+    try:
+        return read_int(name, "diskseq")
+    except (OSError, ValueError):
+        return None
+
+
+def _bound_to(name: str, st: os.stat_result | None, seq: int | None = None) -> bool:
     path = backing_file(name)
     if path is None:
         return False
+    if seq is not None:
+        now = diskseq(name)
+        if now is not None:
+            return now == seq  # exact: another binding has another sequence number
     if st is None:
         return True
     try:
@@ -113,15 +128,19 @@ def _bound_to(name: str, st: os.stat_result | None) -> bool:
 _POLL_MAX = 0.001
 
 
-def wait_released(name: str, st: os.stat_result | None, timeout: float) -> None:
-    """Wait until ``name`` is unbound, or bound to a file other than ``st``'s.
+def wait_released(
+    name: str, st: os.stat_result | None, timeout: float, seq: int | None = None
+) -> None:
+    """Wait until ``name`` is unbound, or bound anew: with another ``diskseq`` than
+    ``seq`` where both are known, else to a file other than ``st``'s (by the name
+    sysfs shows, which an unlinked file makes ambiguous).
 
     Polls sysfs (first after 0.2 ms, then every 1 ms at most): the kernel
     sends no event we could wait on without udev or a netlink socket.
     """
     deadline = time.monotonic() + timeout
     delay = 0.0002
-    while _bound_to(name, st):
+    while _bound_to(name, st, seq):
         now = time.monotonic()
         if now >= deadline:
             raise TimeoutError(
