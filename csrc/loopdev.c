@@ -68,6 +68,7 @@ struct loop_config {
 static int configure_state = -1;
 static int force_fallback = 0;
 
+
 static int neg_errno(void) { return errno ? -errno : -EIO; }
 
 static int64_t now_us(void)
@@ -291,36 +292,55 @@ static void learn_bare_nlink(int bound, nlink_t nlink)
         __atomic_store_n(&bare_nlink[bound], nlink, __ATOMIC_RELAXED);
 }
 
+/* The link count of loopN's sysfs directory: 0, 1 when there is none to
+ * look at (no sysfs, no such device: nothing to delete), or -errno. */
+static int link_count(int index, nlink_t *nlink)
+{
+    char name[32];
+    struct stat st;
+    int sysfs = sysfs_block_fd();
+
+    if (sysfs < 0)
+        return 1;
+    snprintf(name, sizeof(name), "loop%d", index);
+    if (fstatat(sysfs, name, &st, 0) < 0)
+        return errno == ENOENT ? 1 : neg_errno();
+    *nlink = st.st_nlink;
+    return 0;
+}
+
+/* Whether a device in state `bound` with `nlink` links certainly has no
+ * partitions. At or under the count of a bare unbound device there are none
+ * whatever the state (binding only adds the loop/ directory), so one stat
+ * answers for an unbound device, and for a bound one whose state the caller
+ * knows, without asking the kernel. */
+static int surely_bare(nlink_t nlink, int bound)
+{
+    nlink_t bare = __atomic_load_n(&bare_nlink[bound], __ATOMIC_RELAXED);
+    return bare && nlink <= bare;
+}
+
 /* Delete every partition of loopN, or none: BLKPG refuses one that is open
  * (EBUSY), and the ones deleted before it are added back, so a busy device
  * is left as it was. Partitions added with BLKPG to a device without
  * partscan survive LOOP_CLR_FD and come back when the minor is bound to
  * another file, now pointing into it (measured on 6.18). Returns how many
  * were deleted, or -errno. */
-static int del_partitions(int dev_fd, int index, int bound)
+static int del_partitions(int dev_fd, int index, int bound, nlink_t nlink)
 {
     struct part_span parts[256];
     char name[32];
-    struct stat st;
-    int sysfs = sysfs_block_fd(), n, deleted = 0, r = 0, dirfd;
-    nlink_t bare;
+    int n, deleted = 0, r = 0, dirfd;
 
-    if (sysfs < 0)
-        return 0; /* no sysfs to find partitions with */
     snprintf(name, sizeof(name), "loop%d", index);
-    if (fstatat(sysfs, name, &st, 0) < 0)
-        return errno == ENOENT ? 0 : neg_errno();
-    bare = __atomic_load_n(&bare_nlink[bound], __ATOMIC_RELAXED);
-    if (bare && st.st_nlink <= bare)
-        return 0;
-    dirfd = openat(sysfs, name, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    dirfd = openat(sysfs_block_fd(), name, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (dirfd < 0)
         return errno == ENOENT ? 0 : neg_errno();
     n = list_partitions(dirfd, index, parts, 256);
     close(dirfd);
     if (n < 0)
         return n;
-    learn_bare_nlink(bound, st.st_nlink - (nlink_t)n);
+    learn_bare_nlink(bound, nlink - (nlink_t)n);
     for (int i = 0; i < n && r == 0; i++) {
         r = ld_blkpg(dev_fd, BLKPG_DEL_PARTITION, parts[i].pno, 0, 0);
         if (r == -ENXIO)
@@ -338,10 +358,57 @@ static int del_partitions(int dev_fd, int index, int bound)
     return deleted;
 }
 
-int ld_del_partitions(int dev_fd, int index)
+/* bound: 1 when the caller knows the device is bound (it attached it), -1
+ * unknown: LOOP_GET_STATUS64 is asked only where the link count leaves a
+ * doubt. A device without partitions costs one stat (the release path used to
+ * ask GET_STATUS64 and stat every time). */
+int ld_del_partitions(int dev_fd, int index, int bound)
 {
     struct loop_info64 info;
-    return del_partitions(dev_fd, index, ioctl(dev_fd, LOOP_GET_STATUS64, &info) == 0);
+    nlink_t nlink = 0;
+    int r = link_count(index, &nlink);
+
+    if (r != 0)
+        return r > 0 ? 0 : r;
+    if (surely_bare(nlink, 0))
+        return 0;
+    if (bound < 0)
+        bound = ioctl(dev_fd, LOOP_GET_STATUS64, &info) == 0;
+    else
+        bound = bound > 0;
+    if (surely_bare(nlink, bound))
+        return 0;
+    return del_partitions(dev_fd, index, bound, nlink);
+}
+
+/* Before binding: delete partitions an earlier binding left (they would point
+ * into the new file). -EBUSY at LD_STAGE_CONFIGURE when the device is bound
+ * (another allocator took it since GET_FREE): its partitions are not ours to
+ * delete. The state is asked only when the link count leaves a doubt: a bare
+ * unbound device needs no question, and LOOP_CONFIGURE and LOOP_SET_FD answer
+ * EBUSY for a bound device themselves, under the device's lock
+ * (drivers/block/loop.c, loop_configure(): "if (lo->lo_state != Lo_unbound)
+ * goto out_unlock" with -EBUSY), so the LOOP_GET_STATUS64 asked before every
+ * configure until issue 17 only ever duplicated that answer. */
+static int clear_stale(int dev_fd, int index, int *stage)
+{
+    struct loop_info64 info;
+    nlink_t nlink = 0;
+    int r = link_count(index, &nlink);
+
+    if (r == 0 && surely_bare(nlink, 0))
+        return 0;
+    if (r == 0 && ioctl(dev_fd, LOOP_GET_STATUS64, &info) == 0) {
+        *stage = LD_STAGE_CONFIGURE;
+        return -EBUSY;
+    }
+    if (r == 0)
+        r = del_partitions(dev_fd, index, 0, nlink);
+    if (r < 0) {
+        *stage = LD_STAGE_PARTITIONS;
+        return r;
+    }
+    return 0;
 }
 
 /* -------------------------------------------------------------- configure */
@@ -380,7 +447,8 @@ static void set_file_name(struct loop_info64 *info, const struct ld_config *c, i
     info->lo_file_name[n > 0 ? n : 0] = 0;
 }
 
-static int bind_configure(int dev_fd, int backing_fd, const struct ld_config *c, int *stage)
+static int bind_configure(int dev_fd, int backing_fd, const struct ld_config *c, int scan,
+                          int *stage)
 {
     struct loop_config lc;
     memset(&lc, 0, sizeof(lc));
@@ -395,6 +463,8 @@ static int bind_configure(int dev_fd, int backing_fd, const struct ld_config *c,
      * I/O step and verify() handle that. */
     if (c->direct_io)
         lc.info.lo_flags |= LO_FLAGS_DIRECT_IO;
+    if (scan)
+        lc.info.lo_flags |= LO_FLAGS_PARTSCAN;
     set_file_name(&lc.info, c, backing_fd);
     *stage = LD_STAGE_CONFIGURE;
     return ioctl(dev_fd, LOOP_CONFIGURE, &lc) < 0 ? neg_errno() : 0;
@@ -421,8 +491,8 @@ static int set_fd(int dev_fd, int backing_fd, const struct ld_config *c)
 
 /* Kernels before 5.8: SET_FD, then SET_STATUS64, then SET_BLOCK_SIZE. Sets
  * *bound once SET_FD succeeded (the caller clears it on a later failure). */
-static int bind_legacy(int dev_fd, int backing_fd, const struct ld_config *c, int *stage,
-                       int *bound)
+static int bind_legacy(int dev_fd, int backing_fd, const struct ld_config *c, int scan,
+                       int *stage, int *bound)
 {
     struct loop_info64 info;
     int r;
@@ -435,7 +505,7 @@ static int bind_legacy(int dev_fd, int backing_fd, const struct ld_config *c, in
     memset(&info, 0, sizeof(info));
     info.lo_offset = c->offset;
     info.lo_sizelimit = c->sizelimit;
-    info.lo_flags = c->flags & LO_FLAGS_AUTOCLEAR;
+    info.lo_flags = c->flags & (scan ? LO_FLAGS_AUTOCLEAR | LO_FLAGS_PARTSCAN : LO_FLAGS_AUTOCLEAR);
     set_file_name(&info, c, backing_fd);
     *stage = LD_STAGE_SET_STATUS;
     r = ld_set_status(dev_fd, &info);
@@ -446,53 +516,50 @@ static int bind_legacy(int dev_fd, int backing_fd, const struct ld_config *c, in
     return r;
 }
 
-/* Partscan goes on only after the device is configured: configuring with it
- * at once sends a change event before the scan, and a prober opening the
- * device then triggers a second scan that drops and re-adds every partition
- * (systemd PR #41425). Passing the flags again also survives kernels that
- * cleared PARTSCAN on every SET_STATUS64 (fixed by commit 5aa21b0495df). */
-static int enable_partscan(int dev_fd, int *stage)
+/* Partscan in the same LOOP_CONFIGURE (or the fallback's one SET_STATUS64)
+ * as everything else, while a second fd of the device holds an exclusive BSD
+ * lock. Configuring with partscan sends a change event before the kernel
+ * scans; a prober opening the device on it triggers a second scan that drops
+ * and re-adds every partition (systemd PR #41425; blktests loop/012). udev
+ * takes LOCK_SH|LOCK_NB before probing and skips a locked device
+ * (systemd.io/BLOCK_DEVICE_LOCKING; systemd's loop-util.c holds this lock
+ * while it configures), and the close of the lock fd makes it probe once,
+ * after the scan. Until issue 17 the device was configured without partscan
+ * and a separate LOOP_SET_STATUS64 turned it on: that one ioctl freezes the
+ * queue and waits for an RCU grace period, 16 of the 19 ms of an
+ * attach(partscan=True) here, against 0.16 ms for LOOP_CONFIGURE with
+ * PARTSCAN (tests/test_budget.py::test_partscan_configures_once proves the
+ * single configure under the lock; test_partscan_split_when_locked the
+ * fallback). Where the lock cannot be had (no /proc to reopen the device
+ * through; another holder, which may be a prober), the split stays. -1: no
+ * lock. */
+static int lock_for_setup(int dev_fd)
 {
-    struct loop_info64 info;
-    int r;
-    *stage = LD_STAGE_SET_STATUS;
-    r = ld_get_status(dev_fd, &info);
-    if (r < 0)
-        return r;
-    info.lo_flags = (info.lo_flags & (LO_FLAGS_AUTOCLEAR | LO_FLAGS_PARTSCAN)) | LO_FLAGS_PARTSCAN;
-    return ld_set_status(dev_fd, &info);
+    char path[32];
+    int fd;
+    snprintf(path, sizeof(path), "/proc/self/fd/%d", dev_fd);
+    fd = open(path, O_RDWR | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    if (flock(fd, LOCK_EX | LOCK_NB) < 0) {
+        close(fd);
+        return -1;
+    }
+    return fd;
 }
 
-/* Where LOOP_CONFIGURE did not turn direct I/O on (fallback path), ask for
- * it; "try" (1) keeps buffered I/O when the backing file refuses O_DIRECT. */
-static int enable_direct_io(int dev_fd, const struct ld_config *c, int *stage)
+/* Verify what the kernel applied against the request. */
+static int verify(int dev_fd, const struct ld_config *c, const struct loop_info64 *info)
 {
-    struct loop_info64 info;
-    int r;
-    *stage = LD_STAGE_DIRECT_IO;
-    r = ld_get_status(dev_fd, &info);
-    if (r == 0 && !(info.lo_flags & LO_FLAGS_DIRECT_IO))
-        r = ioctl(dev_fd, LOOP_SET_DIRECT_IO, 1UL) < 0 ? neg_errno() : 0;
-    return r < 0 && c->direct_io == 1 ? 0 : r;
-}
-
-/* Read back what the kernel applied: vanilla 5.8 ignored sizelimit and
- * partscan in LOOP_CONFIGURE (util-linux PR #1152), and direct I/O can be
- * refused silently. */
-static int verify(int dev_fd, const struct ld_config *c)
-{
-    struct loop_info64 info;
     uint32_t want = c->flags & (LO_FLAGS_AUTOCLEAR | LO_FLAGS_PARTSCAN);
     int bs = 0;
-    if (ioctl(dev_fd, LOOP_GET_STATUS64, &info) < 0)
-        return neg_errno();
-    if (info.lo_offset != c->offset || info.lo_sizelimit != c->sizelimit)
+    if (info->lo_offset != c->offset || info->lo_sizelimit != c->sizelimit)
         return -EINVAL;
-    if ((info.lo_flags & (LO_FLAGS_AUTOCLEAR | LO_FLAGS_PARTSCAN)) != want)
+    if ((info->lo_flags & (LO_FLAGS_AUTOCLEAR | LO_FLAGS_PARTSCAN)) != want)
         return -EINVAL;
-    if ((c->flags & LO_FLAGS_READ_ONLY) && !(info.lo_flags & LO_FLAGS_READ_ONLY))
+    if ((c->flags & LO_FLAGS_READ_ONLY) && !(info->lo_flags & LO_FLAGS_READ_ONLY))
         return -EINVAL;
-    if (c->direct_io == 2 && !(info.lo_flags & LO_FLAGS_DIRECT_IO))
+    if (c->direct_io == 2 && !(info->lo_flags & LO_FLAGS_DIRECT_IO))
         return -EINVAL;
     if (!c->block_size)
         return 0;
@@ -501,29 +568,70 @@ static int verify(int dev_fd, const struct ld_config *c)
     return (uint32_t)bs == c->block_size ? 0 : -EINVAL;
 }
 
+/* Read back what the kernel applied, and finish what it did not: partscan
+ * where LOOP_CONFIGURE ignored it (vanilla 5.8, util-linux PR #1152) or where
+ * it was left out for want of the lock; direct I/O where asked and not on
+ * (fallback path; "try" (1) keeps buffered I/O when the backing file refuses
+ * O_DIRECT). Partscan by SET_STATUS64 passes the flags again, which also
+ * survives kernels that cleared PARTSCAN on every SET_STATUS64 (fixed by
+ * commit 5aa21b0495df). Then verify: vanilla 5.8 ignored sizelimit too, and
+ * direct I/O can be refused silently. One LOOP_GET_STATUS64 when everything
+ * was applied. */
+static int settle(int dev_fd, const struct ld_config *c, int *stage)
+{
+    struct loop_info64 info;
+    int r;
+
+    *stage = LD_STAGE_VERIFY;
+    if (ld_get_status(dev_fd, &info) < 0)
+        return neg_errno();
+    if ((c->flags & LO_FLAGS_PARTSCAN) && !(info.lo_flags & LO_FLAGS_PARTSCAN)) {
+        *stage = LD_STAGE_SET_STATUS;
+        info.lo_flags = (info.lo_flags & LO_FLAGS_AUTOCLEAR) | LO_FLAGS_PARTSCAN;
+        r = ld_set_status(dev_fd, &info);
+        if (r == 0)
+            r = ld_get_status(dev_fd, &info);
+        if (r < 0)
+            return r;
+    }
+    if (c->direct_io && !(info.lo_flags & LO_FLAGS_DIRECT_IO)) {
+        *stage = LD_STAGE_DIRECT_IO;
+        r = ioctl(dev_fd, LOOP_SET_DIRECT_IO, 1UL) < 0 ? neg_errno() : 0;
+        if (r == 0)
+            r = ld_get_status(dev_fd, &info);
+        if (r < 0 && c->direct_io == 2)
+            return r;
+    }
+    *stage = LD_STAGE_VERIFY;
+    return verify(dev_fd, c, &info);
+}
+
 /* Bind and configure an open, unbound device; on failure nothing stays
  * bound. Since 3.7 LOOP_CLR_FD on a device others hold open only marks it
  * autoclear; the unbind then happens when the last opener (normally our
- * caller, who closes the fd) goes (libblockdev #1170 leaked here). */
-static int configure(int dev_fd, int backing_fd, const struct ld_config *c, int *stage)
+ * caller, who closes the fd) goes (libblockdev #1170 leaked here).
+ * dev_locked: the caller holds an exclusive flock on dev_fd already. */
+static int configure(int dev_fd, int backing_fd, const struct ld_config *c, int dev_locked,
+                     int *stage)
 {
-    int bound = 0, r;
+    int bound = 0, lock_fd = -1, scan = 0, r;
+    if (c->flags & LO_FLAGS_PARTSCAN) {
+        if (!dev_locked)
+            lock_fd = lock_for_setup(dev_fd);
+        scan = dev_locked || lock_fd >= 0;
+    }
     if (__atomic_load_n(&force_fallback, __ATOMIC_RELAXED) || !probe_configure(dev_fd)) {
-        r = bind_legacy(dev_fd, backing_fd, c, stage, &bound);
+        r = bind_legacy(dev_fd, backing_fd, c, scan, stage, &bound);
     } else {
-        r = bind_configure(dev_fd, backing_fd, c, stage);
+        r = bind_configure(dev_fd, backing_fd, c, scan, stage);
         bound = r == 0;
     }
-    if (r == 0 && (c->flags & LO_FLAGS_PARTSCAN))
-        r = enable_partscan(dev_fd, stage);
-    if (r == 0 && c->direct_io)
-        r = enable_direct_io(dev_fd, c, stage);
-    if (r == 0) {
-        *stage = LD_STAGE_VERIFY;
-        r = verify(dev_fd, c);
-    }
+    if (r == 0)
+        r = settle(dev_fd, c, stage);
     if (r < 0 && bound)
         ioctl(dev_fd, LOOP_CLR_FD, 0);
+    if (lock_fd >= 0)
+        close(lock_fd);
     if (r == 0)
         *stage = LD_STAGE_NONE;
     return r;
@@ -531,23 +639,18 @@ static int configure(int dev_fd, int backing_fd, const struct ld_config *c, int 
 
 /* The one place that binds: partitions an earlier binding left go first
  * (they would point into the new file), then configure. */
-static int bind_fresh(int dev_fd, int index, int bound, int backing_fd,
-                      const struct ld_config *config,
-                      int *stage)
+static int bind_fresh(int dev_fd, int index, int dev_locked, int backing_fd,
+                      const struct ld_config *config, int *stage)
 {
-    int r = del_partitions(dev_fd, index, bound);
-    if (r < 0) {
-        *stage = LD_STAGE_PARTITIONS;
+    int r = clear_stale(dev_fd, index, stage);
+    if (r < 0)
         return r;
-    }
-    return configure(dev_fd, backing_fd, config, stage);
+    return configure(dev_fd, backing_fd, config, dev_locked, stage);
 }
 
 int ld_bind(int dev_fd, int index, int backing_fd, const struct ld_config *config, int *stage)
 {
-    struct loop_info64 info;
-    int bound = ioctl(dev_fd, LOOP_GET_STATUS64, &info) == 0;
-    return bind_fresh(dev_fd, index, bound, backing_fd, config, stage);
+    return bind_fresh(dev_fd, index, 0, backing_fd, config, stage);
 }
 
 /* ------------------------------------------------------ the loop-control lock */
@@ -816,16 +919,14 @@ static int lock_device(const struct ld_attach_req *req, struct ld_attach_res *re
 }
 
 /* Bound means taken: another allocator (one that takes no lock, like
- * losetup) bound it since GET_FREE. systemd checks the same. */
+ * losetup) bound it since GET_FREE; clear_stale or the configure ioctl
+ * itself answers EBUSY then. */
 static int bind_device(const struct ld_attach_req *req, struct ld_attach_res *res,
                        struct attach_state *s, struct attempt *a)
 {
-    struct loop_info64 info;
     int stage = LD_STAGE_CONFIGURE, r;
 
-    if (ioctl(a->fd, LOOP_GET_STATUS64, &info) == 0)
-        return retry(res, LD_STAGE_CONFIGURE, -EBUSY);
-    r = bind_fresh(a->fd, a->index, 0, req->backing_fd, &req->config, &stage);
+    r = bind_fresh(a->fd, a->index, req->lock, req->backing_fd, &req->config, &stage);
     if (r == 0)
         return 0;
     fail(res, stage, r);

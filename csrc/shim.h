@@ -70,7 +70,8 @@ int ld_get_int(int fd, unsigned long request, int *out);
 int ld_bind(int dev_fd, int index, int backing_fd, const struct ld_config *config, int *stage);
 int ld_attach(const struct ld_attach_req *req, struct ld_attach_res *res);
 int ld_blkpg(int dev_fd, int op, int pno, long long start, long long length);
-int ld_del_partitions(int dev_fd, int index);
+/* bound: 1 known bound, -1 unknown (asked only where the link count leaves a doubt). */
+int ld_del_partitions(int dev_fd, int index, int bound);
 void ld_force_fallback(int on);
 /* Process-wide set-up: the cached handle on sysfs's block directory. */
 void ld_init(void);

@@ -358,15 +358,22 @@ def abort(dev_fd: int, index: int) -> None:
     _native.clear_fd_quietly(dev_fd)
 
 
-def release(dev_fd: int, index: int, before_clear: Callable[[], None] | None = None) -> None:
+def release(
+    dev_fd: int,
+    index: int,
+    before_clear: Callable[[], None] | None = None,
+    *,
+    bound: bool = False,
+) -> None:
     """Delete the device's partitions, then ``LOOP_CLR_FD``.
 
     Partitions first: BLKPG partitions outlive the binding on kernels without
     a partition parser and would point into the next file bound to this
     minor. If one is in use this raises before anything changed.
     ``before_clear`` runs between the two (nodes go before the device).
+    ``bound``: the caller attached the device and has not released it.
     """
-    _native.delete_partitions(dev_fd, index)
+    _native.delete_partitions(dev_fd, index, bound=bound)
     if before_clear is not None:
         before_clear()
     unpublish_nodes(index)

@@ -316,10 +316,14 @@ def blkpg(dev_fd: int, op: int, pno: int, start: int = 0, length: int = 0, *, de
     check(lib.ld_blkpg(dev_fd, op, pno, start, length), f"BLKPG on partition {pno}", device)
 
 
-def delete_partitions(dev_fd: int, index: int) -> int:
-    """Delete every partition of ``loop{index}`` (BLKPG), or none if one is open."""
+def delete_partitions(dev_fd: int, index: int, *, bound: bool = False) -> int:
+    """Delete every partition of ``loop{index}`` (BLKPG), or none if one is open.
+
+    ``bound``: the caller knows the device is bound (it attached it), which
+    spares asking the kernel where the device has no partitions.
+    """
     return check(
-        lib.ld_del_partitions(dev_fd, index),
+        lib.ld_del_partitions(dev_fd, index, 1 if bound else -1),
         "deleting partitions (one may be mounted or open)",
         f"/dev/loop{index}",
     )

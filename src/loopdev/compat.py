@@ -53,6 +53,7 @@ class Loop:
         self.on_close = None
         self._dir_fd = dir_fd
         self._autoclear = False  # released by our close() only if we set autoclear
+        self._bound = False  # bound by us and not cleared: spares a kernel query on clear
         self.fd = _engine.open_device(minor, dir_fd)
 
     @classmethod
@@ -65,6 +66,7 @@ class Loop:
         lo.on_close = None
         lo._dir_fd = dir_fd
         lo._autoclear = autoclear
+        lo._bound = True
         return lo
 
     def __del__(self) -> None:
@@ -107,7 +109,8 @@ class Loop:
 
         The kernel defers the unbind until the last opener closes.
         """
-        _engine.release(self.fd, self.minor)
+        _engine.release(self.fd, self.minor, bound=self._bound)
+        self._bound = False
 
     def clear_fd_wait(self, fd: int, timeout: float, wait: float = 0.1) -> None:
         """Clear, then wait until unbound or bound to a file other than ``fd``'s.
@@ -201,6 +204,7 @@ class Loop:
         config = _config_from_kwargs(offset, sizelimit, blocksize, autoclear, partscan, read_only)
         _engine.configure(self.fd, self.minor, fd, config)
         self._autoclear = bool(autoclear)
+        self._bound = True
 
     def get_status(self) -> LoopInfo:
         """``LOOP_GET_STATUS64``; ``OSError(ENXIO)`` when unbound."""

@@ -196,6 +196,8 @@ class LoopDevice:
         self._nodes: list[nodes.NodeSet] = []
         # Whether closing our fd releases the device (then /dev nodes go too).
         self._autoclear = False
+        self._bound = False  # attached by us: release need not ask the kernel
+
         try:
             self.diskseq: int | None = _native.get_u64(fd, _native.BLKGETDISKSEQ, device=self.path)
         except OSError:
@@ -255,7 +257,9 @@ class LoopDevice:
             lost = exc
             lost.released = True
         try:
-            _engine.release(self._fd, self.minor, before_clear=self._remove_nodes)
+            _engine.release(
+                self._fd, self.minor, before_clear=self._remove_nodes, bound=self._bound
+            )
         except OSError as exc:
             if lost is None:
                 raise
@@ -515,6 +519,7 @@ def attach(
             control.close()
         dev = LoopDevice(minor, dev_fd, owned=True, backing_st=st)
         dev._autoclear = autoclear
+        dev._bound = True
         if node_dir is not None:
             try:
                 dev._make_nodes(node_dir, node_mode)
