@@ -15,6 +15,8 @@
  *           drop_sizelimit: make the call with lo_sizelimit zeroed in a copy of
  *                  the argument of LOOP_CONFIGURE or LOOP_SET_STATUS64 (vanilla
  *                  5.8 ignored the size limit in LOOP_CONFIGURE)
+ *           drop_partscan: make LOOP_CONFIGURE with LO_FLAGS_PARTSCAN cleared in
+ *                  a copy of its argument (vanilla 5.8 ignored it too)
  *           count: change nothing; only log the call
  *   COUNT   how many matching calls the action applies to; the rest pass.
  *           '*': every one.
@@ -54,7 +56,7 @@
 #include <linux/loop.h>
 
 enum call { CALL_OPEN, CALL_IOCTL, CALL_FLOCK };
-enum action { ACT_ERRNO, ACT_DROP_SIZELIMIT, ACT_COUNT };
+enum action { ACT_ERRNO, ACT_DROP_SIZELIMIT, ACT_DROP_PARTSCAN, ACT_COUNT };
 
 struct rule {
     enum call call;
@@ -128,6 +130,10 @@ static void parse_rule(char *text, struct rule *r)
         if (r->call != CALL_IOCTL ||
             (r->request != LOOP_CONFIGURE && r->request != LOOP_SET_STATUS64))
             die("drop_sizelimit is for LOOP_CONFIGURE and LOOP_SET_STATUS64", copy);
+    } else if (strcmp(f[2], "drop_partscan") == 0) {
+        r->action = ACT_DROP_PARTSCAN;
+        if (r->call != CALL_IOCTL || r->request != LOOP_CONFIGURE)
+            die("drop_partscan is for LOOP_CONFIGURE", copy);
     } else if (strcmp(f[2], "count") == 0) {
         r->action = ACT_COUNT;
     } else {
@@ -314,6 +320,11 @@ int ioctl(int fd, unsigned long request, ...)
         return done(&v, REAL(ioctl)(fd, request, arg));
     if (rules[v.chosen].action == ACT_ERRNO)
         return fail(&v);
+    if (rules[v.chosen].action == ACT_DROP_PARTSCAN) {
+        struct loop_config config = *(const struct loop_config *)arg;
+        config.info.lo_flags &= ~(unsigned)LO_FLAGS_PARTSCAN;
+        return done(&v, REAL(ioctl)(fd, request, &config));
+    }
     /* ACT_DROP_SIZELIMIT: the kernel gets a copy without the size limit. */
     if (request == LOOP_CONFIGURE) {
         struct loop_config config = *(const struct loop_config *)arg;
