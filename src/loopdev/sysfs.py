@@ -97,14 +97,6 @@ def read_int(name: str, attr: str) -> int:
         return int(f.read().strip() or 0)
 
 
-def diskseq(name: str) -> int | None:
-    """``/sys/block/NAME/diskseq``: new for every binding (5.15+); None where unreadable."""
-    try:
-        return read_int(name, "diskseq")
-    except (OSError, ValueError):
-        return None
-
-
 def _bound_to(name: str, st: os.stat_result | None, seq: int | None = None) -> bool:
     path = backing_file(name)
     if path is None:
