@@ -137,7 +137,7 @@ out(after=dev.fd)
         broker=server.socket,
     )
     info = got[0]
-    assert info["kind"] == "BrokerDevice" and info["isinstance"]
+    assert info["kind"] == "LoopDevice" and info["isinstance"]
     assert info["path"].startswith("/proc/") and "/fd/" in info["path"]
     assert [(n, s, z) for n, s, z, _ in info["parts"]] == [
         (i + 1, start, size) for i, (start, size) in enumerate(GPT_PARTS)
@@ -227,7 +227,7 @@ fd = os.open(sys.argv[1], os.O_RDONLY)
 dev = loopdev.attach(fd)  # read_only not asked: the descriptor decides
 BLKROGET = 0x125E
 ro = struct.unpack("i", fcntl.ioctl(dev.fd, BLKROGET, b"\\0" * 4))[0]
-res = dict(read_only=dev.read_only, sysfs=dev.info().read_only, blkroget=ro,
+res = dict(read_only=dev.info().read_only, sysfs=dev.info().read_only, blkroget=ro,
            mode=stat.S_IMODE(os.fstat(dev.fd).st_mode))
 try:
     os.open(dev.path, os.O_RDWR)

@@ -1,7 +1,12 @@
 """loopdev: Linux loop devices from Python, without leaks or races."""
 
+from __future__ import annotations
+
+import os
+
+from loopdev import device
 from loopdev.compat import Loop, LoopControl, LoopInfo, UnexpectedDevice
-from loopdev.device import DeviceInfo, LoopDevice, attach, devices, find
+from loopdev.device import DeviceInfo, LoopDevice, devices, find
 from loopdev.device import open_device as open
 from loopdev.errors import (
     BackingFileError,
@@ -18,7 +23,34 @@ from loopdev.errors import (
 
 # Everything the attach path needs is imported here, not on first use: a
 # fork() landing while another thread runs a first attach would leave the
-# child waiting forever on that import's lock.
+# child waiting forever on that import's lock. (The broker's client is the
+# exception: it costs a socket module and the interface file at import.)
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from loopdev.device import AttachOptions, Backing
+
+
+def attach(
+    backing: Backing, *, broker: str | None = None, **options: Unpack[AttachOptions]
+) -> LoopDevice:
+    """Attach ``backing`` (a path or an open fd) to a free loop device.
+
+    In this process (``loopdev.device.attach``, which documents ``options``),
+    or, where ``broker`` names a ``loopdev serve`` socket (default:
+    ``LOOPDEV_BROKER`` from the environment; "" for none), through that
+    broker, which needs no root (``loopdev.broker_client.attach``).
+    """
+    if broker is None:
+        broker = os.environ.get("LOOPDEV_BROKER")
+    if broker:
+        from loopdev import broker_client
+
+        return broker_client.attach(backing, broker=broker, **options)
+    return device.attach(backing, **options)
+
 
 __all__ = [  # noqa: RUF022 - grouped: compat, errors, then the high-level API
     "Loop",

@@ -27,12 +27,14 @@ from loopdev.partitions import PartitionDevice
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from loopdev.device import Backing, DirectIO
+    from typing_extensions import Unpack
+
+    from loopdev.device import AttachOptions, Backing
 
 __all__ = [
     "BadRequest",
-    "BrokerDevice",
     "BrokerError",
+    "BrokerLease",
     "BrokerPartition",
     "LimitReached",
     "PermissionDenied",
@@ -232,59 +234,54 @@ class BrokerPartition(PartitionDevice):
         return f"/proc/{os.getpid()}/fd/{self._fd}"
 
 
-class BrokerDevice(LoopDevice):
-    """A device attached by the broker: ``fd`` and ``path`` work for this user.
+class BrokerLease:
+    """How a device the broker attached is released: by the broker, through its connection.
 
-    ``detach()`` asks the broker to release it and waits; ``close()`` (or the
-    process ending) lets the broker release it without waiting.
+    The ``LoopDevice`` that ``attach()`` returns holds it: ``detach()`` closes
+    our descriptors, asks the broker to release the device and waits for it;
+    ``close()`` (or the process ending) closes the connection, and the broker
+    releases the device without waiting.
     """
 
     def __init__(
-        self, conn: _varlink.Connection, device: dict[str, Any], fds: list[int], broker: str
+        self,
+        conn: _varlink.Connection,
+        name: str,
+        fd: int,
+        parts: list[BrokerPartition],
+        broker: str,
     ) -> None:
-        name = device["name"]
-        super().__init__(int(name[4:]), fds[device["fd"]], owned=True)
-        self.path = f"/proc/{os.getpid()}/fd/{self._fd}"
-        self.read_only: bool = device["read_only"]
+        self.path = f"/proc/{os.getpid()}/fd/{fd}"  # this user's processes can open it
         self._conn: _varlink.Connection | None = conn
+        self._name = name
+        self._parts = parts
         self._broker = broker
-        self._parts = [BrokerPartition.from_reply(p, fds[p["fd"]]) for p in device["partitions"]]
 
-    @property
     def partitions(self) -> list[PartitionDevice]:
         """The partitions registered at attach, each with its own descriptor."""
-        return list(self._parts) if self._fd >= 0 else []
+        return list(self._parts)
 
-    def detach(self, timeout: float = 10.0) -> None:
-        """Close our descriptors, then have the broker release the device and wait for it."""
-        conn = self._let_go()
+    def detach(self, fd: int, timeout: float) -> None:
+        conn = self._let_go(fd)
         if conn is None:
             return
         try:
-            call(conn, "io.loopdev.Detach", {"name": self.name, "timeout": timeout})
+            call(conn, "io.loopdev.Detach", {"name": self._name, "timeout": timeout})
         except BaseException:
             conn.close()
             raise
         _IDLE.give(self._broker, conn)
 
-    def close(self) -> None:
-        """Close our descriptors and the connection; the broker releases the device."""
-        conn = self._let_go()
+    def close(self, fd: int) -> None:
+        conn = self._let_go(fd)
         if conn is not None:
             conn.close()
 
-    def _let_go(self) -> _varlink.Connection | None:
-        for part in self._parts:
-            _varlink.close_fds([part.fd])
+    def _let_go(self, fd: int) -> _varlink.Connection | None:
+        _varlink.close_fds([fd] + [part.fd for part in self._parts])
         self._parts = []
-        if self._fd >= 0:
-            fd, self._fd = self._fd, -1
-            os.close(fd)
         conn, self._conn = self._conn, None
         return conn
-
-    def __repr__(self) -> str:
-        return f"<BrokerDevice {self.name} {self.path}>"
 
 
 def _device_entry(params: dict[str, Any], count: int) -> dict[str, Any]:
@@ -334,37 +331,25 @@ def _open_backing(backing: Backing, read_only: bool) -> tuple[int, bool]:
     return fd, True
 
 
-def attach(
-    backing: Backing,
-    *,
-    broker: str,
-    offset: int = 0,
-    sizelimit: int = 0,
-    read_only: bool = False,
-    partscan: bool = False,
-    direct_io: DirectIO = "auto",
-    block_size: int | None = None,
-    autoclear: bool = True,
-    lock: bool = False,
-    node_dir: str | os.PathLike[str] | None = None,
-    node_mode: int = 0o600,
-) -> BrokerDevice:
+def attach(backing: Backing, *, broker: str, **options: Unpack[AttachOptions]) -> LoopDevice:
     """``loopdev.attach()`` through the broker at ``broker`` (see the module docstring)."""
     where = None if isinstance(backing, int) else os.fspath(backing)
-    if not autoclear or lock or node_dir is not None:
+    if not options.get("autoclear", True) or options.get("lock") or options.get("node_dir"):
         raise ConfigureError(
             errno.EINVAL,
             "autoclear=False, lock and node_dir are not available through the broker "
             "(its devices are released with their connection, its nodes are descriptors)",
             backing=where,
         )
+    read_only = options.get("read_only", False)
+    direct_io = options.get("direct_io", "auto")
     params = {
         "file": 0,
         "read_only": read_only,
-        "partscan": partscan,
-        "offset": offset,
-        "sizelimit": sizelimit,
-        "block_size": block_size,
+        "partscan": options.get("partscan", False),
+        "offset": options.get("offset", 0),
+        "sizelimit": options.get("sizelimit", 0),
+        "block_size": options.get("block_size"),
         "direct_io": None if direct_io == "auto" else direct_io,
     }
     fd, opened = _open_backing(backing, read_only)
@@ -391,7 +376,10 @@ def attach(
             except BaseException:
                 _varlink.close_fds(fds)
                 raise
-            return BrokerDevice(conn, device, fds, broker)
+            parts = [BrokerPartition.from_reply(p, fds[p["fd"]]) for p in device["partitions"]]
+            dev_fd = fds[device["fd"]]
+            lease = BrokerLease(conn, device["name"], dev_fd, parts, broker)
+            return LoopDevice(int(device["name"][4:]), dev_fd, owned=True, lease=lease)
         except BaseException:
             conn.close()
             raise

@@ -22,10 +22,35 @@ from loopdev.errors import (
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from types import TracebackType
-    from typing import Literal, TypeAlias
+    from typing import Literal, Protocol, TypeAlias, TypedDict
 
     Backing: TypeAlias = "str | os.PathLike[str] | int"
     DirectIO: TypeAlias = "bool | Literal['auto']"
+
+    class AttachOptions(TypedDict, total=False):
+        """The keyword arguments of ``attach()``, for the functions that pass them on."""
+
+        offset: int
+        sizelimit: int
+        read_only: bool
+        partscan: bool
+        direct_io: DirectIO
+        block_size: int | None
+        autoclear: bool
+        lock: bool
+        node_dir: str | os.PathLike[str] | None
+        node_mode: int
+
+    class Lease(Protocol):
+        """Who else releases a device: a ``LoopDevice`` that has one asks it instead
+        (the broker's devices, ``loopdev.broker_client.BrokerLease``)."""
+
+        path: str
+
+        def partitions(self) -> list[partitions.PartitionDevice]: ...
+        def detach(self, fd: int, timeout: float) -> None: ...
+        def close(self, fd: int) -> None: ...
+
 
 __all__ = ["DeviceInfo", "LoopDevice", "attach", "devices", "find", "open_device"]
 
@@ -184,13 +209,20 @@ class LoopDevice:
     """An attached (or opened) loop device. Leaving ``with`` detaches what we attached."""
 
     def __init__(
-        self, minor: int, fd: int, *, owned: bool, backing_st: os.stat_result | None = None
+        self,
+        minor: int,
+        fd: int,
+        *,
+        owned: bool,
+        backing_st: os.stat_result | None = None,
+        lease: Lease | None = None,
     ) -> None:
         self._fd = -1  # first: __del__ looks at it even if __init__ failed
         self.minor = minor
         self.name = f"loop{minor}"
-        self.path = _engine.device_path(minor)
+        self.path = _engine.device_path(minor) if lease is None else lease.path
         self.owned = owned
+        self._lease = lease
         self._fd = fd
         self._backing_st = backing_st
         self._nodes: list[nodes.NodeSet] = []
@@ -224,6 +256,8 @@ class LoopDevice:
     @property
     def partitions(self) -> list[partitions.PartitionDevice]:
         """Registered partitions (kernel-scanned or added by loopdev), by number."""
+        if self._lease is not None:
+            return self._lease.partitions() if self._fd >= 0 else []
         return partitions.list_partitions(self.name)
 
     @property
@@ -249,6 +283,10 @@ class LoopDevice:
         partition kept it bound (``released`` False, as with ``DeviceBusy``).
         """
         if self._fd < 0:
+            return
+        if self._lease is not None:
+            fd, self._fd = self._fd, -1
+            self._lease.detach(fd, timeout)
             return
         lost: WriteBackError | None = None
         try:
@@ -283,7 +321,10 @@ class LoopDevice:
 
     def close(self) -> None:
         """Close our fd without detaching (an autoclear device is released then)."""
-        if self._fd >= 0:
+        if self._fd >= 0 and self._lease is not None:
+            fd, self._fd = self._fd, -1
+            self._lease.close(fd)
+        elif self._fd >= 0:
             self._remove_nodes()
             if self._autoclear:
                 _engine.unpublish_nodes(self.minor)
@@ -465,36 +506,15 @@ def attach(
     lock: bool = False,
     node_dir: str | os.PathLike[str] | None = None,
     node_mode: int = 0o600,
-    broker: str | None = None,
 ) -> LoopDevice:
     """Attach ``backing`` (a path or an open fd) to a free loop device.
 
     ``partscan`` registers the image's partitions (the kernel's scan, or
     loopdev's where the kernel finds none). ``direct_io="auto"`` uses direct
     I/O where the file supports it. ``node_dir`` gets private block nodes for
-    the device and its partitions, removed on detach. ``broker`` (default:
-    ``LOOPDEV_BROKER`` from the environment; "" for none) asks the
-    ``loopdev serve`` socket at that path instead, which needs no root.
+    the device and its partitions, removed on detach. This process attaches;
+    ``loopdev.attach()`` also goes through a broker.
     """
-    if broker is None:
-        broker = os.environ.get("LOOPDEV_BROKER")
-    if broker:
-        from loopdev import broker_client
-
-        return broker_client.attach(
-            backing,
-            broker=broker,
-            offset=offset,
-            sizelimit=sizelimit,
-            read_only=read_only,
-            partscan=partscan,
-            direct_io=direct_io,
-            block_size=block_size,
-            autoclear=autoclear,
-            lock=lock,
-            node_dir=node_dir,
-            node_mode=node_mode,
-        )
     where = None if isinstance(backing, int) else os.fspath(backing)
     _validate(offset, sizelimit, block_size, direct_io, where)
     if node_dir is not None and not os.path.isdir(node_dir):
