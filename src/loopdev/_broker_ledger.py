@@ -183,6 +183,13 @@ class Ledger:
             if entry in self._draining:
                 self._draining.remove(entry)
 
+    def revoke_all(self) -> None:
+        """The broker is going away with devices still owned (a worker did not finish):
+        their nodes must not outlive it usable, whatever happens to the devices."""
+        with self._lock:
+            for owned in self._owned.values():
+                owned.grant.revoke()
+
     def of_uid(self, uid: int) -> list[Owned]:
         with self._lock:
             return [o for o in self._owned.values() if o.peer.uid == uid]

@@ -251,6 +251,7 @@ class Broker:
                 except OSError:
                     pass
         self._pool.stop(timeout=MAX_DETACH_TIMEOUT + 5)
+        self.ledger.revoke_all()  # for a worker still busy: we exit, the kernel releases
 
     def close(self) -> None:
         self.nodes.close()
