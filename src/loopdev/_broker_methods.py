@@ -15,20 +15,21 @@ import stat
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal, TypeVar
 
 import loopdev
 from loopdev import _native, _varlink, nodes, sysfs
 from loopdev._broker_grant import Grant, NodeDir
 from loopdev._broker_ledger import Draining, Ledger, Owned, Peer, Policy
 from loopdev._interface import METHODS, NAME, TEXT, Refusal
+from loopdev._varlink import JsonObject
 from loopdev.errors import BackingFileError, DeviceBusy
 from loopdev.partitions import PartitionDevice
 
 MAX_DETACH_TIMEOUT = 10.0
 SCM_MAX_FD = _varlink.SCM_MAX_FD  # descriptors in one message: the device and 252 partitions
 
-Reply = tuple[dict[str, Any], list[int]]
+Reply = tuple[JsonObject, list[int]]
 
 
 @dataclass(frozen=True)
@@ -50,29 +51,46 @@ class Call:
     detail: list[str]
 
 
+T = TypeVar("T")
+
+
+def _get(params: JsonObject, name: str, kind: type[T]) -> T | None:
+    """A parameter the schema checked already: of ``kind``, or None where optional."""
+    value = params[name]
+    if value is None or isinstance(value, kind):
+        return value
+    raise AssertionError(f"{name} passed the schema as {type(value).__name__}")
+
+
+def _number(params: JsonObject, name: str) -> float | None:
+    """A "float" parameter, which JSON may carry as an integer."""
+    value = params[name]
+    return float(value) if isinstance(value, (int, float)) else None
+
+
 # --- io.loopdev ---------------------------------------------------------------------
 
 
-def attach(svc: Service, call: Call, params: dict[str, Any]) -> Reply:
-    index = params["file"]
+def attach(svc: Service, call: Call, params: JsonObject) -> Reply:
+    index = _get(params, "file", int) or 0
     if not 0 <= index < len(call.fds):
         raise _varlink.InvalidParameter("file", f"no descriptor {index} in this message")
     fd = call.fds[index]
     st, fd_read_only = check_backing(fd, svc.policy)
     call.detail.append(f"file={os.major(st.st_dev)}:{os.minor(st.st_dev)}:{st.st_ino}")
-    read_only = bool(params["read_only"]) or fd_read_only
+    read_only = bool(_get(params, "read_only", bool)) or fd_read_only
+    partscan = bool(_get(params, "partscan", bool))
+    dio = _get(params, "direct_io", bool)
+    direct_io: bool | Literal["auto"] = "auto" if dio is None else dio
     svc.ledger.reserve(call.peer.uid)
     try:
-        direct_io: bool | Literal["auto"] = (
-            "auto" if params["direct_io"] is None else params["direct_io"]
-        )
         dev = loopdev.attach(
             fd,
             read_only=read_only,
-            partscan=bool(params["partscan"]),
-            offset=params["offset"] or 0,
-            sizelimit=params["sizelimit"] or 0,
-            block_size=params["block_size"],
+            partscan=partscan,
+            offset=_get(params, "offset", int) or 0,
+            sizelimit=_get(params, "sizelimit", int) or 0,
+            block_size=_get(params, "block_size", int),
             direct_io=direct_io,
             autoclear=True,  # released by the kernel whatever happens to us
         )
@@ -81,7 +99,7 @@ def attach(svc: Service, call: Call, params: dict[str, Any]) -> Reply:
         raise
     call.detail.append(f"device={dev.name}{' ro' if read_only else ''}")
     grant = Grant(read_only)
-    owned = Owned(dev, call.peer, call.conn, read_only, bool(params["partscan"]), grant)
+    owned = Owned(dev, call.peer, call.conn, read_only, partscan, grant)
     handed: list[int] = []
     try:
         device, parts = device_json(owned, fd_index=0)
@@ -105,10 +123,10 @@ def attach(svc: Service, call: Call, params: dict[str, Any]) -> Reply:
     return {"device": device}, handed
 
 
-def detach(svc: Service, call: Call, params: dict[str, Any]) -> Reply:
-    name = params["name"]
-    timeout = params["timeout"]
-    timeout = MAX_DETACH_TIMEOUT if timeout is None else min(max(timeout, 0.0), MAX_DETACH_TIMEOUT)
+def detach(svc: Service, call: Call, params: JsonObject) -> Reply:
+    name = _get(params, "name", str) or ""
+    asked = _number(params, "timeout")
+    timeout = MAX_DETACH_TIMEOUT if asked is None else min(max(asked, 0.0), MAX_DETACH_TIMEOUT)
     call.detail.append(f"device={name}")
     owned, entry = svc.ledger.take(name, call.conn)
     dev = owned.dev
@@ -131,14 +149,14 @@ def detach(svc: Service, call: Call, params: dict[str, Any]) -> Reply:
     return {}, []
 
 
-def list_devices(svc: Service, call: Call, params: dict[str, Any]) -> Reply:
+def list_devices(svc: Service, call: Call, params: JsonObject) -> Reply:
     return {"devices": [device_json(o)[0] for o in svc.ledger.of_uid(call.peer.uid)]}, []
 
 
 # --- org.varlink.service --------------------------------------------------------------
 
 
-def get_info(svc: Service, call: Call, params: dict[str, Any]) -> Reply:
+def get_info(svc: Service, call: Call, params: JsonObject) -> Reply:
     return {
         "vendor": "loopdev",
         "product": "loopdev broker",
@@ -148,13 +166,14 @@ def get_info(svc: Service, call: Call, params: dict[str, Any]) -> Reply:
     }, []
 
 
-def get_interface_description(svc: Service, call: Call, params: dict[str, Any]) -> Reply:
-    if params["interface"] != NAME:
-        raise Refusal(_varlink.INTERFACE_NOT_FOUND, interface=params["interface"])
+def get_interface_description(svc: Service, call: Call, params: JsonObject) -> Reply:
+    interface = _get(params, "interface", str)
+    if interface != NAME:
+        raise Refusal(_varlink.INTERFACE_NOT_FOUND, interface=interface)
     return {"description": TEXT}, []
 
 
-Handler = Callable[[Service, Call, dict[str, Any]], Reply]
+Handler = Callable[[Service, Call, JsonObject], Reply]
 
 # Each method with its parameters and its handler; io.loopdev's parameters
 # come from the interface file.
@@ -199,7 +218,7 @@ def release(svc: Service, owned: Owned, entry: Draining) -> str:
 
 def device_json(
     owned: Owned, fd_index: int | None = None
-) -> tuple[dict[str, Any], list[PartitionDevice]]:
+) -> tuple[JsonObject, list[PartitionDevice]]:
     """The Device object of the interface, and the partitions it lists.
 
     ``fd_index`` (Attach): the caller's thread alone uses the device yet, so
@@ -218,7 +237,7 @@ def device_json(
             size = sysfs.read_int(dev.name, "size") * 512
         except (OSError, ValueError):
             size = 0
-    device = {
+    device: JsonObject = {
         "name": dev.name,
         "diskseq": dev.diskseq,
         "read_only": owned.read_only,
@@ -303,5 +322,5 @@ def _inode_flags(fd: int) -> int:
         raw = fcntl.ioctl(fd, _native.FS_IOC_GETFLAGS, bytes(8))
     except OSError:
         return 0  # ENOTTY, EOPNOTSUPP: no such flags there
-    flags: int = struct.unpack_from("i", raw)[0]  # the kernel writes an int
-    return flags
+    flags: tuple[int] = struct.unpack_from("i", raw)  # the kernel writes an int
+    return flags[0]

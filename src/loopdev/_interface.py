@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import re
 from pathlib import Path
-from typing import Any
 
 from loopdev import _varlink
 from loopdev.errors import (
@@ -45,12 +44,13 @@ def _schema(method: str, fields: str) -> _varlink.Schema:
 
 
 _DECLARED = _declarations(TEXT)
+_METHODS: list[tuple[str, str]] = re.findall(r"\bmethod\s+(\w+)\s*\(([^)]*)\)", _DECLARED)
+_ERRORS: list[str] = re.findall(r"\berror\s+(\w+)", _DECLARED)
 # Each method's input parameters: {"io.loopdev.Attach": {"file": ("int", False), ...}}.
 METHODS: dict[str, _varlink.Schema] = {
-    f"{NAME}.{method}": _schema(method, fields)
-    for method, fields in re.findall(r"\bmethod\s+(\w+)\s*\(([^)]*)\)", _DECLARED)
+    f"{NAME}.{method}": _schema(method, fields) for method, fields in _METHODS
 }
-ERRORS = frozenset(f"{NAME}.{error}" for error in re.findall(r"\berror\s+(\w+)", _DECLARED))
+ERRORS = frozenset(f"{NAME}.{error}" for error in _ERRORS)
 
 # The errors that are loopdev.errors classes, most specific first: the first
 # class an exception is an instance of names its error.
@@ -74,15 +74,15 @@ def error_name(exc: OSError) -> str:
     return next(name for name, cls in LOOP_ERRORS.items() if isinstance(exc, cls))
 
 
-def loop_error(name: str, params: dict[str, Any]) -> LoopError | None:
+def loop_error(name: str, params: _varlink.JsonObject) -> LoopError | None:
     """The exception a loop error reply stands for; None if ``name`` is none of them."""
     cls = LOOP_ERRORS.get(name)
     if cls is None:
         return None
-    message = params.get("message")
+    message, device, backing = (params.get(k) for k in ("message", "device", "backing"))
     text = message if isinstance(message, str) else name
-    device = params.get("device") if isinstance(params.get("device"), str) else None
-    backing = params.get("backing") if isinstance(params.get("backing"), str) else None
+    device = device if isinstance(device, str) else None
+    backing = backing if isinstance(backing, str) else None
     if cls is PartitionTableError:
         return PartitionTableError(text, device=device, backing=backing)
     err = params.get("errno")
@@ -93,7 +93,7 @@ def loop_error(name: str, params: dict[str, Any]) -> LoopError | None:
 class Refusal(Exception):
     """A request answered with a Varlink error (``error``, with ``parameters``)."""
 
-    def __init__(self, error: str, **parameters: Any) -> None:
+    def __init__(self, error: str, **parameters: object) -> None:
         super().__init__(error)
         self.error = error
         self.parameters = parameters
@@ -105,9 +105,9 @@ class Refusal(Exception):
             error_name(exc) if isinstance(exc, LoopError) else f"{NAME}.LoopError",
             errno=exc.errno or 0,
             message=exc.strerror or str(exc),
-            device=getattr(exc, "device", None),
-            backing=getattr(exc, "backing", None),
+            device=exc.device if isinstance(exc, LoopError) else None,
+            backing=exc.backing if isinstance(exc, LoopError) else None,
         )
 
-    def reply(self) -> dict[str, Any]:
+    def reply(self) -> _varlink.JsonObject:
         return {"error": self.error, "parameters": self.parameters}

@@ -21,7 +21,7 @@ import os
 import socket
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple, cast
 
 __all__ = [
     "BadRequest",
@@ -44,7 +44,12 @@ METHOD_NOT_FOUND = "org.varlink.service.MethodNotFound"
 INTERFACE_NOT_FOUND = "org.varlink.service.InterfaceNotFound"
 INVALID_PARAMETER = "org.varlink.service.InvalidParameter"
 
-JsonObject = dict[str, Any]
+JsonObject = dict[str, object]
+
+
+def json_object(value: object) -> JsonObject | None:
+    """``value`` if it is a JSON object (decoded JSON has only string keys), else None."""
+    return cast(JsonObject, value) if isinstance(value, dict) else None
 
 
 class ProtocolError(Exception):
@@ -133,9 +138,10 @@ class Connection:
                 raise ProtocolError(f"message not completed within {self.timeout:g} s")
             self.sock.settimeout(wait)
             try:
-                data, ancdata, flags, _ = self.sock.recvmsg(
+                got: tuple[bytes, list[tuple[int, int, bytes]], int, object] = self.sock.recvmsg(
                     _CHUNK, socket.CMSG_SPACE(self.max_fds * 4), socket.MSG_CMSG_CLOEXEC
                 )
+                data, ancdata, flags, _ = got
             except TimeoutError:
                 if started:
                     raise ProtocolError(
@@ -184,7 +190,7 @@ class Connection:
             self._deadline = time.monotonic() + self.timeout
         return Frame(payload, fds, dropped)
 
-    def send(self, message: Mapping[str, Any], fds: Sequence[int] = ()) -> None:
+    def send(self, message: Mapping[str, object], fds: Sequence[int] = ()) -> None:
         """Send one message; ``fds`` go with its first byte. Raises ``ProtocolError``."""
         data = json.dumps(message, separators=(",", ":")).encode() + b"\0"
         ancdata = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
@@ -216,19 +222,19 @@ def _no_constant(name: str) -> None:
 def parse_call(payload: bytes) -> Call:
     """A Varlink call from one message's bytes; ``BadRequest`` for anything else."""
     try:
-        obj = json.loads(payload.decode("utf-8"), parse_constant=_no_constant)
+        decoded: object = json.loads(payload.decode("utf-8"), parse_constant=_no_constant)
     except (ValueError, RecursionError) as exc:
         # ValueError covers bad UTF-8, bad JSON and over-long integers.
         raise BadRequest(f"not a JSON object: {str(exc)[:200]}") from None
-    if not isinstance(obj, dict):
+    obj = json_object(decoded)
+    if obj is None:
         raise BadRequest("a call must be a JSON object")
     method = obj.get("method")
     if not isinstance(method, str) or not method:
         raise BadRequest("a call needs a string 'method'")
-    parameters = obj.get("parameters", {})
+    given = obj.get("parameters")
+    parameters = {} if given is None else json_object(given)
     if parameters is None:
-        parameters = {}
-    if not isinstance(parameters, dict):
         raise BadRequest("'parameters' must be a JSON object")
     oneway = obj.get("oneway", False)
     if not isinstance(oneway, bool):

@@ -18,7 +18,7 @@ import errno
 import itertools
 import os
 import resource
-import selectors
+import select
 import signal
 import socket
 import stat
@@ -29,7 +29,6 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from typing import Any
 
 from loopdev import _varlink
 from loopdev._broker_grant import NodeDir
@@ -37,6 +36,7 @@ from loopdev._broker_ledger import Ledger, Peer, Policy
 from loopdev._broker_methods import HANDLERS, MAX_DETACH_TIMEOUT, Call, Service, release
 from loopdev._broker_pool import Pool
 from loopdev._interface import NAME, TEXT, Refusal
+from loopdev._varlink import JsonObject
 from loopdev.errors import LoopError
 
 __all__ = ["DEFAULT_SOCKET", "INTERFACE", "Broker", "Peer", "Policy", "listen", "serve"]
@@ -45,23 +45,26 @@ DEFAULT_SOCKET = "/run/loopdev/broker.sock"
 INTERFACE = TEXT  # what org.varlink.service.GetInterfaceDescription returns
 MAX_MESSAGE = 65536  # requests are small; a larger one is refused and ends the connection
 MAX_FDS = 8  # per request; Attach needs one
-SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux 4.13; not in Python's socket
+SO_PEERGROUPS: int = getattr(socket, "SO_PEERGROUPS", 59)  # Linux 4.13; not in Python's socket
 _SCHEMAS = {method: schema for method, (schema, _) in HANDLERS.items()}  # for the fuzz tests
 
 
 def peer_of(sock: socket.socket, groups_too: bool = True) -> Peer:
     """The peer's credentials as the kernel recorded them at connect."""
-    pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    cred: tuple[int, int, int] = struct.unpack(
+        "3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+    )
+    pid, uid, gid = cred
     if not groups_too:
         return Peer(pid, uid, gid, frozenset({gid}))
     try:
         raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 1024)
-        groups = frozenset(struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4]))
+        gids: tuple[int, ...] = struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4])
     except OSError:
         # ERANGE: more than 256 groups (Python caps the buffer); ENOPROTOOPT:
         # kernel before 4.13. The primary group still counts.
-        groups = frozenset()
-    return Peer(pid, uid, gid, groups | {gid})
+        gids = ()
+    return Peer(pid, uid, gid, frozenset((*gids, gid)))
 
 
 _Job = tuple[int, socket.socket, Peer]  # connection id, socket, peer
@@ -167,7 +170,7 @@ class Broker:
             conn.close()
             self._disconnect(conn_id, peer)
 
-    def _try_send(self, conn: _varlink.Connection, reply: dict[str, Any]) -> None:
+    def _try_send(self, conn: _varlink.Connection, reply: JsonObject) -> None:
         try:
             conn.send(reply)
         except _varlink.ProtocolError:
@@ -184,7 +187,7 @@ class Broker:
 
     def _handle(
         self, conn_id: int, peer: Peer, frame: _varlink.Frame
-    ) -> tuple[dict[str, Any] | None, list[int]]:
+    ) -> tuple[JsonObject | None, list[int]]:
         """The reply to one message and the descriptors to send with it.
 
         Closes every descriptor of the request; never raises for bad input.
@@ -193,7 +196,7 @@ class Broker:
         method = "?"
         detail: list[str] = []
         oneway = False
-        reply: dict[str, Any]
+        reply: JsonObject
         fds: list[int] = []
         try:
             call = _varlink.parse_call(frame.payload)
@@ -261,7 +264,7 @@ def _bad(message: str) -> Refusal:
     return Refusal(f"{NAME}.BadRequest", message=message)
 
 
-def _encode(reply: dict[str, Any]) -> bytes:
+def _encode(reply: JsonObject) -> bytes:
     import json
 
     return json.dumps(reply, separators=(",", ":")).encode() + b"\0"
@@ -269,7 +272,8 @@ def _encode(reply: dict[str, Any]) -> bytes:
 
 _log_lock = threading.Lock()
 # Control characters (C0, DEL, C1) and the backslash, as Python escapes them.
-_UNPRINTABLE = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+_CONTROLS = list(range(0x20)) + list(range(0x7F, 0xA0))
+_UNPRINTABLE: dict[int, str] = {c: f"\\x{c:02x}" for c in _CONTROLS}
 _UNPRINTABLE.update({ord("\\"): "\\\\", ord("\n"): "\\n", ord("\t"): "\\t"})
 
 
@@ -419,13 +423,12 @@ def _accept_until_signal(listener: socket.socket, broker: Broker) -> None:
     # select() returned, which a signal taken by a worker thread never makes it do.
     old_wakeup = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
     listener.setblocking(False)
-    selector = selectors.DefaultSelector()
-    selector.register(listener, selectors.EVENT_READ)
-    selector.register(wake_r, selectors.EVENT_READ)
+    poller = select.poll()
+    poller.register(listener.fileno(), select.POLLIN)
+    poller.register(wake_r, select.POLLIN)
     try:
         while True:
-            events = selector.select()
-            if any(key.fileobj == wake_r for key, _ in events):
+            if any(fd == wake_r for fd, _ in poller.poll()):
                 return
             try:
                 sock, _ = listener.accept()
@@ -438,7 +441,6 @@ def _accept_until_signal(listener: socket.socket, broker: Broker) -> None:
             sock.setblocking(True)
             broker.accept(sock)
     finally:
-        selector.close()
         signal.set_wakeup_fd(old_wakeup)
         for signum, handler in old.items():
             signal.signal(signum, handler)

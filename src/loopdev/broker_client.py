@@ -17,10 +17,11 @@ import select
 import socket
 import stat
 import threading
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TypeVar, cast
 
 from loopdev import _interface, _varlink
+from loopdev._varlink import JsonObject
 from loopdev.device import LoopDevice
 from loopdev.errors import BackingFileError, ConfigureError, LoopError, NoFreeDevice
 from loopdev.partitions import PartitionDevice
@@ -67,7 +68,7 @@ class BadRequest(BrokerError):
 
 def _error(name: object, parameters: object) -> LoopError:
     """The exception for a Varlink error reply."""
-    params: dict[str, Any] = parameters if isinstance(parameters, dict) else {}
+    params = _varlink.json_object(parameters) or {}
     message = params.get("message")
     text = message if isinstance(message, str) else f"{name}: {params}"
     if not isinstance(name, str):
@@ -80,8 +81,12 @@ def _error(name: object, parameters: object) -> LoopError:
     if name == f"{_interface.NAME}.LimitReached":
         return LimitReached(errno.EDQUOT, text)
     if name == f"{_interface.NAME}.NoSuchDevice":
-        device = params.get("name") if isinstance(params.get("name"), str) else None
-        return BrokerError(errno.ENXIO, "not a device of this connection", device=device)
+        device = params.get("name")
+        return BrokerError(
+            errno.ENXIO,
+            "not a device of this connection",
+            device=device if isinstance(device, str) else None,
+        )
     if name == f"{_interface.NAME}.BadRequest" or name.startswith("org.varlink.service."):
         return BadRequest(errno.EPROTO, f"the broker refused the request: {text}")
     return BrokerError(errno.EPROTO, f"the broker failed: {text}")
@@ -162,9 +167,9 @@ _IDLE = _Idle()
 def call(
     conn: _varlink.Connection,
     method: str,
-    parameters: dict[str, Any],
+    parameters: Mapping[str, object],
     fds: Sequence[int] = (),
-) -> tuple[dict[str, Any], list[int]]:
+) -> tuple[JsonObject, list[int]]:
     """One call: the reply's parameters and the descriptors that came with it (ours to close)."""
     unsent: Exception | None = None
     try:
@@ -188,23 +193,49 @@ def call(
     if "error" in reply:
         _varlink.close_fds(frame.fds)
         raise _error(reply["error"], reply.get("parameters"))
-    params = reply.get("parameters", {})
-    if not isinstance(params, dict):
+    params = _varlink.json_object(reply.get("parameters", {}))
+    if params is None:
         _varlink.close_fds(frame.fds)
-        raise BrokerError(errno.EPROTO, "malformed reply from the loopdev broker")
+        raise _malformed()
     return params, frame.fds
 
 
-def _parse(frame: _varlink.Frame) -> dict[str, Any]:
+def _parse(frame: _varlink.Frame) -> JsonObject:
     import json
 
     try:
-        reply = json.loads(frame.payload)
+        decoded: object = json.loads(frame.payload)
     except ValueError:
-        reply = None
-    if not isinstance(reply, dict):
-        raise BrokerError(errno.EPROTO, "malformed reply from the loopdev broker")
+        decoded = None
+    reply = _varlink.json_object(decoded)
+    if reply is None:
+        raise _malformed()
     return reply
+
+
+def _malformed(what: str = "") -> BrokerError:
+    return BrokerError(errno.EPROTO, f"malformed {what}reply from the loopdev broker")
+
+
+T = TypeVar("T")
+
+
+def _field(obj: JsonObject, key: str, kind: type[T]) -> T:
+    """``obj[key]`` if it is a ``kind`` (and not a bool posing as an int)."""
+    value = obj.get(key)
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    raise _malformed()
+
+
+def _objects(obj: JsonObject, key: str) -> list[JsonObject]:
+    """``obj[key]``, a list of JSON objects."""
+    value = obj.get(key)
+    items = cast("list[object]", value) if isinstance(value, list) else None
+    found = [_varlink.json_object(item) for item in items or ()]
+    if items is None or None in found:
+        raise _malformed()
+    return [item for item in found if item is not None]
 
 
 class BrokerPartition(PartitionDevice):
@@ -213,14 +244,14 @@ class BrokerPartition(PartitionDevice):
     _fd: int
 
     @classmethod
-    def from_reply(cls, entry: dict[str, Any], fd: int) -> BrokerPartition:
+    def from_reply(cls, entry: JsonObject, fd: int) -> BrokerPartition:
         part = cls(
-            number=entry["number"],
-            start=entry["start"],
-            size=entry["size"],
-            major=entry["major"],
-            minor=entry["minor"],
-            name=entry["name"],
+            number=_field(entry, "number", int),
+            start=_field(entry, "start", int),
+            size=_field(entry, "size", int),
+            major=_field(entry, "major", int),
+            minor=_field(entry, "minor", int),
+            name=_field(entry, "name", str),
         )
         part._fd = fd
         return part
@@ -284,30 +315,28 @@ class BrokerLease:
         return conn
 
 
-def _device_entry(params: dict[str, Any], count: int) -> dict[str, Any]:
-    """The reply's Device, checked enough that building the object cannot fail."""
-    device = params.get("device")
-    ok = (
-        isinstance(device, dict)
-        and isinstance(device.get("name"), str)
-        and device["name"].startswith("loop")
-        and device["name"][4:].isdigit()
-        and type(device.get("fd")) is int
-        and 0 <= device["fd"] < count
-        and isinstance(device.get("partitions"), list)
-        and all(
-            isinstance(p, dict)
-            and type(p.get("fd")) is int
-            and 0 <= p["fd"] < count
-            and all(type(p.get(k)) is int for k in ("number", "start", "size", "major", "minor"))
-            and isinstance(p.get("name"), str)
-            for p in device["partitions"]
-        )
-    )
-    if not ok or not isinstance(device, dict):
-        raise BrokerError(errno.EPROTO, "malformed Attach reply from the loopdev broker")
-    device["read_only"] = device.get("read_only") is True
-    return device
+def _handed_over(reply: JsonObject, fds: list[int]) -> tuple[str, int, list[BrokerPartition]]:
+    """The Attach reply's device name, its descriptor and its partitions; closes the
+    descriptors it names none of, and all of them on a malformed reply."""
+    try:
+        device = _varlink.json_object(reply.get("device"))
+        if device is None:
+            raise _malformed("Attach ")
+        name = _field(device, "name", str)
+        if not (name.startswith("loop") and name[4:].isdigit()):
+            raise _malformed("Attach ")
+        entries = _objects(device, "partitions")
+        indexes = [_field(device, "fd", int)] + [_field(p, "fd", int) for p in entries]
+        if not all(0 <= i < len(fds) for i in indexes):
+            raise _malformed("Attach ")
+        parts = [
+            BrokerPartition.from_reply(p, fds[i]) for p, i in zip(entries, indexes[1:], strict=True)
+        ]
+    except BaseException:
+        _varlink.close_fds(fds)
+        raise
+    _varlink.close_fds([f for i, f in enumerate(fds) if i not in indexes])
+    return name, fds[indexes[0]], parts
 
 
 def _open_backing(backing: Backing, read_only: bool) -> tuple[int, bool]:
@@ -369,17 +398,9 @@ def attach(backing: Backing, *, broker: str, **options: Unpack[AttachOptions]) -
                 conn.close()
                 conn = connect(broker)
                 reply, fds = call(conn, "io.loopdev.Attach", params, [fd])
-            try:
-                device = _device_entry(reply, len(fds))
-                used = {device["fd"]} | {p["fd"] for p in device["partitions"]}
-                _varlink.close_fds([f for i, f in enumerate(fds) if i not in used])
-            except BaseException:
-                _varlink.close_fds(fds)
-                raise
-            parts = [BrokerPartition.from_reply(p, fds[p["fd"]]) for p in device["partitions"]]
-            dev_fd = fds[device["fd"]]
-            lease = BrokerLease(conn, device["name"], dev_fd, parts, broker)
-            return LoopDevice(int(device["name"][4:]), dev_fd, owned=True, lease=lease)
+            name, dev_fd, parts = _handed_over(reply, fds)
+            lease = BrokerLease(conn, name, dev_fd, parts, broker)
+            return LoopDevice(int(name[4:]), dev_fd, owned=True, lease=lease)
         except BaseException:
             conn.close()
             raise
@@ -388,7 +409,7 @@ def attach(backing: Backing, *, broker: str, **options: Unpack[AttachOptions]) -
             os.close(fd)
 
 
-def list_devices(broker: str) -> list[dict[str, Any]]:
+def list_devices(broker: str) -> list[JsonObject]:
     """The broker's devices of this user (the ``Device`` objects of the interface)."""
     conn = connect(broker)
     try:
@@ -396,7 +417,4 @@ def list_devices(broker: str) -> list[dict[str, Any]]:
         _varlink.close_fds(fds)
     finally:
         conn.close()
-    devices = reply.get("devices")
-    if not isinstance(devices, list) or not all(isinstance(d, dict) for d in devices):
-        raise BrokerError(errno.EPROTO, "malformed List reply from the loopdev broker")
-    return devices
+    return _objects(reply, "devices")
