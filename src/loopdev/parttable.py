@@ -17,21 +17,32 @@ import struct
 import zlib
 from codecs import utf_16_le_decode
 
+from loopdev._record import Record
 from loopdev.errors import PartitionTableError
 
 __all__ = ["Partition", "PartitionTable", "gpt_sector_size", "read_table"]
 
-# Plain __slots__ classes instead of frozen dataclasses: importing
-# ``dataclasses`` pulls in ``inspect`` and costs several milliseconds.  Fields
-# live in private slots behind read-only properties: immutable (for mypy too)
-# while construction stays a plain, fast slot store.
 
-
-class Partition:
+class Partition(Record):
     """One partition as the kernel would register it; offsets in bytes."""
 
-    __slots__ = ("_bootable", "_label", "_number", "_size", "_start", "_type", "_uuid")
+    __slots__ = ()
     __match_args__ = ("number", "start", "size", "type", "uuid", "label", "bootable")
+
+    number: int
+    """Kernel partition number: GPT entry index + 1; MBR 1-4, logicals from 5."""
+    start: int
+    """Offset from the start of the disk, in bytes."""
+    size: int
+    """Length in bytes."""
+    type: str
+    """GPT type GUID (lower case) or MBR type byte as ``"0x83"``."""
+    uuid: str | None
+    """GPT partition GUID (lower case); ``None`` for MBR."""
+    label: str | None
+    """GPT partition name; ``None`` for MBR."""
+    bootable: bool
+    """MBR active flag (0x80); always ``False`` for GPT."""
 
     def __init__(
         self,
@@ -43,84 +54,25 @@ class Partition:
         label: str | None,
         bootable: bool = False,
     ) -> None:
-        self._number = number
-        self._start = start
-        self._size = size
-        self._type = type
-        self._uuid = uuid
-        self._label = label
-        self._bootable = bootable
-
-    @property
-    def number(self) -> int:
-        """Kernel partition number: GPT entry index + 1; MBR 1-4, logicals from 5."""
-        return self._number
-
-    @property
-    def start(self) -> int:
-        """Offset from the start of the disk, in bytes."""
-        return self._start
-
-    @property
-    def size(self) -> int:
-        """Length in bytes."""
-        return self._size
-
-    @property
-    def type(self) -> str:
-        """GPT type GUID (lower case) or MBR type byte as ``"0x83"``."""
-        return self._type
-
-    @property
-    def uuid(self) -> str | None:
-        """GPT partition GUID (lower case); ``None`` for MBR."""
-        return self._uuid
-
-    @property
-    def label(self) -> str | None:
-        """GPT partition name; ``None`` for MBR."""
-        return self._label
-
-    @property
-    def bootable(self) -> bool:
-        """MBR active flag (0x80); always ``False`` for GPT."""
-        return self._bootable
-
-    def _key(self) -> tuple[int, int, int, str, str | None, str | None, bool]:
-        return (
-            self._number,
-            self._start,
-            self._size,
-            self._type,
-            self._uuid,
-            self._label,
-            self._bootable,
-        )
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Partition):
-            return NotImplemented
-        return self._key() == other._key()
-
-    def __hash__(self) -> int:
-        return hash(self._key())
-
-    def __repr__(self) -> str:
-        return (
-            f"Partition(number={self._number!r}, start={self._start!r}, "
-            f"size={self._size!r}, type={self._type!r}, uuid={self._uuid!r}, "
-            f"label={self._label!r}, bootable={self._bootable!r})"
-        )
-
-    def __reduce__(self) -> tuple[object, ...]:
-        return (Partition, self._key())
+        self._values = (number, start, size, type, uuid, label, bootable)
 
 
-class PartitionTable:
+class PartitionTable(Record):
     """A whole table: scheme, logical sector size, disk id, partitions and notes."""
 
-    __slots__ = ("_disk_id", "_notes", "_partitions", "_scheme", "_sector_size")
+    __slots__ = ()
     __match_args__ = ("scheme", "sector_size", "disk_id", "partitions", "notes")
+
+    scheme: str
+    """``"gpt"`` or ``"dos"``, as sfdisk names them."""
+    sector_size: int
+    """The logical block size the table was read with."""
+    disk_id: str | None
+    """GPT disk GUID (lower case) or MBR disk signature as ``"0x%08x"``."""
+    partitions: tuple[Partition, ...]
+    """What the kernel would register, sorted by number (they may overlap)."""
+    notes: tuple[str, ...]
+    """Partitions of the table the kernel truncates or skips, and why."""
 
     def __init__(
         self,
@@ -130,57 +82,7 @@ class PartitionTable:
         partitions: tuple[Partition, ...],
         notes: tuple[str, ...] = (),
     ) -> None:
-        self._scheme = scheme
-        self._sector_size = sector_size
-        self._disk_id = disk_id
-        self._partitions = partitions
-        self._notes = notes
-
-    @property
-    def scheme(self) -> str:
-        """``"gpt"`` or ``"dos"``, as sfdisk names them."""
-        return self._scheme
-
-    @property
-    def sector_size(self) -> int:
-        """The logical block size the table was read with."""
-        return self._sector_size
-
-    @property
-    def disk_id(self) -> str | None:
-        """GPT disk GUID (lower case) or MBR disk signature as ``"0x%08x"``."""
-        return self._disk_id
-
-    @property
-    def partitions(self) -> tuple[Partition, ...]:
-        """What the kernel would register, sorted by number (they may overlap)."""
-        return self._partitions
-
-    @property
-    def notes(self) -> tuple[str, ...]:
-        """Partitions of the table the kernel truncates or skips, and why."""
-        return self._notes
-
-    def _key(self) -> tuple[str, int, str | None, tuple[Partition, ...], tuple[str, ...]]:
-        return (self._scheme, self._sector_size, self._disk_id, self._partitions, self._notes)
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, PartitionTable):
-            return NotImplemented
-        return self._key() == other._key()
-
-    def __hash__(self) -> int:
-        return hash(self._key())
-
-    def __repr__(self) -> str:
-        return (
-            f"PartitionTable(scheme={self._scheme!r}, "
-            f"sector_size={self._sector_size!r}, disk_id={self._disk_id!r}, "
-            f"partitions={self._partitions!r}, notes={self._notes!r})"
-        )
-
-    def __reduce__(self) -> tuple[object, ...]:
-        return (PartitionTable, self._key())
+        self._values = (scheme, sector_size, disk_id, partitions, notes)
 
 
 _SECTOR_SIZES = (512, 1024, 2048, 4096)
