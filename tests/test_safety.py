@@ -9,13 +9,24 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import MOUNT, MiB, backing_of, bound_under, poll, run_cli, wait_unbound
+from helpers import (
+    MOUNT,
+    MiB,
+    backing_of,
+    bound_under,
+    gpt_image,
+    partitions_of,
+    poll,
+    run_cli,
+    wait_unbound,
+)
 
-from loopdev import LoopControl, WriteBackError
+from loopdev import DeviceBusy, LoopControl, WriteBackError
 from loopdev.device import attach, find
 
 UMOUNT = "umount"
@@ -181,3 +192,70 @@ def test_find_sees_a_hard_link(tmp_path: Path, devices: None) -> None:
     with attach(first) as dev:
         assert [i.name for i in find(tmp_path / "b.img")] == [dev.name]
         assert cli_ok("find", str(tmp_path / "b.img")).strip() == dev.path
+
+
+# --- item 3: a 0444 file as root attaches read-write, as with losetup ----------------------
+
+
+def test_cli_attaches_a_0444_file_read_write_as_root(tmp_path: Path, devices: None) -> None:
+    image = sparse(tmp_path / "ro.img", 4 * MiB)
+    image.chmod(0o444)
+    done = run_cli("attach", "--show", str(image))
+    assert done.returncode == 0, done.stderr
+    assert "write-protected" not in done.stderr
+    path = done.stdout.strip()
+    try:
+        with open(f"/sys/block/{os.path.basename(path)}/ro") as f:
+            assert f.read().strip() == "0"
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.pwrite(fd, b"written", 4096)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    finally:
+        assert run_cli("detach", "--wait", path).returncode == 0
+    with open(image, "rb") as f:
+        f.seek(4096)
+        assert f.read(7) == b"written"
+
+
+# --- item 5: detach with a partition open is deferred to its last close, like losetup -d ---
+
+
+def test_cli_detach_with_an_open_partition_exits_0(tmp_path: Path, devices: None) -> None:
+    image = gpt_image(tmp_path / "gpt.img")
+    done = run_cli("attach", "--show", "-P", str(image))
+    assert done.returncode == 0, done.stderr
+    path = done.stdout.strip()
+    name = os.path.basename(path)
+    minor = int(name[4:])
+    assert partitions_of(minor) == [f"{name}p1", f"{name}p2"]
+    holder = os.open(f"{path}p1", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        done = run_cli("detach", path)
+        assert done.returncode == 0, done.stderr
+        assert done.stderr == ""
+        # Held: still bound, partitions still there, until the holder closes.
+        assert backing_of(minor) == str(image)
+    finally:
+        os.close(holder)
+    closed = time.monotonic()
+    assert poll(lambda: backing_of(minor) is None and partitions_of(minor) == [], 2.0)
+    assert time.monotonic() - closed < 2.0
+
+
+def test_library_detach_still_refuses_an_open_partition(tmp_path: Path, devices: None) -> None:
+    """detach() keeps its rule (nothing changed, DeviceBusy); lazy=True defers instead."""
+    image = gpt_image(tmp_path / "gpt.img")
+    dev = attach(image, partscan=True)
+    holder = os.open(dev.partitions[0].path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with pytest.raises(DeviceBusy):
+            dev.detach()
+        assert len(dev.partitions) == 2
+        dev.detach(timeout=0, lazy=True)
+        assert backing_of(dev.minor) == str(image)
+    finally:
+        os.close(holder)
+    assert poll(lambda: backing_of(dev.minor) is None and partitions_of(dev.minor) == [], 2.0)

@@ -364,16 +364,24 @@ def release(
     before_clear: Callable[[], None] | None = None,
     *,
     bound: bool = False,
+    lazy: bool = False,
 ) -> None:
     """Delete the device's partitions, then ``LOOP_CLR_FD``.
 
     Partitions first: BLKPG partitions outlive the binding on kernels without
     a partition parser and would point into the next file bound to this
-    minor. If one is in use this raises before anything changed.
+    minor. If one is in use this raises before anything changed, unless
+    ``lazy`` and the device has partscan: then the kernel drops them itself
+    when it releases the device at the last close (``bdev_disk_changed`` in
+    ``__loop_clr_fd``, drivers/block/loop.c), as after ``losetup -d``.
     ``before_clear`` runs between the two (nodes go before the device).
     ``bound``: the caller attached the device and has not released it.
     """
-    _native.delete_partitions(dev_fd, index, bound=bound)
+    try:
+        _native.delete_partitions(dev_fd, index, bound=bound)
+    except errors.DeviceBusy:
+        if not lazy or not _native.get_status(dev_fd).lo_flags & _native.LO_FLAGS_PARTSCAN:
+            raise
     if before_clear is not None:
         before_clear()
     unpublish_nodes(index)

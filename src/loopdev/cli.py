@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, TypeVar
 from loopdev.errors import LoopError
 
 if TYPE_CHECKING:
-    from loopdev.device import DeviceInfo, DirectIO
+    from loopdev.device import DeviceInfo, DirectIO, LoopDevice
 
 __all__ = ["main", "parse_size"]
 
@@ -251,6 +251,32 @@ def _writable(path: str) -> bool:
     return True
 
 
+def _open_writable(path: str) -> tuple[int | None, bool]:
+    """``(fd, read_only)`` for attaching ``path`` as losetup would.
+
+    Read-only where a read-write open is refused (losetup's fallback). A file
+    without write permission that opens read-write anyway (root) comes as a
+    read-write fd: ``attach()`` refuses such a path but binds a caller's fd,
+    and losetup attaches it read-write. Otherwise ``(None, False)``:
+    ``attach(path)`` opens it, or says what is wrong (a missing file, a
+    directory, a FIFO that must not be opened).
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None, False
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+        return None, False
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        return None, exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+    if stat.S_ISREG(mode) and not mode & 0o222:
+        return fd, False
+    os.close(fd)
+    return None, False
+
+
 def _warn_if_tiny(path: str, offset: int) -> None:
     """losetup's warning for a file that holds less than one sector past the offset."""
     try:
@@ -268,8 +294,6 @@ def _warn_if_tiny(path: str, offset: int) -> None:
 
 def cmd_attach(args: argparse.Namespace) -> int:
     """Attach FILE to a free device that stays bound after we exit."""
-    from loopdev.device import attach
-
     if args.nooverlap:
         reuse = _overlapping(args.file, args.offset, args.sizelimit, args.read_only)
         if reuse is not None:
@@ -282,12 +306,29 @@ def cmd_attach(args: argparse.Namespace) -> int:
             if args.show:
                 _out(reuse.path)
             return 0
-    read_only = args.read_only or not _writable(args.file)
+    fd, read_only = (None, True) if args.read_only else _open_writable(args.file)
     if read_only and not args.read_only:
         _warn(f"{args.file}: Warning: file is write-protected, attaching read-only")
     _warn_if_tiny(args.file, args.offset)
-    dev = attach(
-        args.file,
+    try:
+        dev = _attach_file(args, args.file if fd is None else fd, read_only)
+    finally:
+        if fd is not None:
+            os.close(fd)
+    # close(), not detach(): the binding is the point.
+    try:
+        if args.show:
+            _out(dev.path)
+    finally:
+        dev.close()
+    return 0
+
+
+def _attach_file(args: argparse.Namespace, backing: str | int, read_only: bool) -> LoopDevice:
+    from loopdev.device import attach
+
+    return attach(
+        backing,
         offset=args.offset,
         sizelimit=args.sizelimit,
         read_only=read_only,
@@ -299,13 +340,6 @@ def cmd_attach(args: argparse.Namespace) -> int:
         # Keeps probers off the device while it is configured (losetup locks too).
         lock=True,
     )
-    # close(), not detach(): the binding is the point.
-    try:
-        if args.show:
-            _out(dev.path)
-    finally:
-        dev.close()
-    return 0
 
 
 def _not_bound(exc: OSError, path: str) -> OSError:
@@ -328,7 +362,9 @@ def _detach_device(name: str, backing: str | None, wait: float) -> None:
             if name not in {i.name for i in _sysfs_retry(lambda: find(file))}:
                 return
         try:
-            dev.detach(timeout=wait)
+            # lazy: a partition in use (a prober, a reader) defers the release to
+            # its last close instead of failing, as with losetup -d.
+            dev.detach(timeout=wait, lazy=True)
         except OSError as exc:
             raise _not_bound(exc, dev.path) from exc
     finally:

@@ -270,7 +270,7 @@ class LoopDevice:
         _native.ioctl(self._live_fd(), _native.LOOP_SET_CAPACITY, device=self.path)
         return _native.get_u64(self._fd, _native.BLKGETSIZE64, device=self.path)
 
-    def detach(self, timeout: float = 10.0) -> None:
+    def detach(self, timeout: float = 10.0, *, lazy: bool = False) -> None:
         """Write back, delete partitions, remove nodes loopdev made, unbind, and wait
         until released.
 
@@ -281,6 +281,10 @@ class LoopDevice:
         written to the backing file (e.g. ENOSPC): that data is lost, and the
         device is detached all the same (``released`` is True), unless a busy
         partition kept it bound (``released`` False, as with ``DeviceBusy``).
+        ``lazy=True`` (what ``loopdev detach`` does, like ``losetup -d``): a
+        partition in use does not stop it; the kernel releases the device and
+        drops its partitions when the last holder closes (a device without
+        partscan, whose partitions the kernel would keep, still raises).
         """
         if self._fd < 0:
             return
@@ -296,7 +300,11 @@ class LoopDevice:
             lost.released = True
         try:
             _engine.release(
-                self._fd, self.minor, before_clear=self._remove_nodes, bound=self._bound
+                self._fd,
+                self.minor,
+                before_clear=self._remove_nodes,
+                bound=self._bound,
+                lazy=lazy,
             )
         except OSError as exc:
             if lost is None:
@@ -457,7 +465,9 @@ def _check_kind(st: os.stat_result, path: str) -> None:
         )
 
 
-def _check_backing(fd: int, path: str, offset: int, read_only: bool) -> os.stat_result:
+def _check_backing(
+    fd: int, path: str, offset: int, read_only: bool, opened: bool = True
+) -> os.stat_result:
     try:
         st = os.fstat(fd)
     except OSError as exc:
@@ -484,7 +494,10 @@ def _check_backing(fd: int, path: str, offset: int, read_only: bool) -> os.stat_
             raise BackingFileError(
                 errno.EBADF, "backing fd is open read-only; pass read_only=True", backing=path
             )
-        if stat.S_ISREG(st.st_mode) and not st.st_mode & 0o222:
+        # Root opens a 0444 file read-write: refused for a path (a file marked
+        # read-only is not written by accident), not for a caller's read-write
+        # fd (its opener chose to write, as losetup does for root).
+        if opened and stat.S_ISREG(st.st_mode) and not st.st_mode & 0o222:
             raise BackingFileError(
                 errno.EACCES,
                 "backing file has no write permission; pass read_only=True",
@@ -523,7 +536,7 @@ def attach(
         )
     fd, path, opened = _open_backing(backing, read_only)
     try:
-        st = _check_backing(fd, path, offset, read_only)
+        st = _check_backing(fd, path, offset, read_only, opened)
         config = _native.Config(
             offset,
             sizelimit,
