@@ -95,24 +95,31 @@ def open_device(index: int, dir_fd: int | None = None, *, private_nodes: bool = 
     missing or wrong node in /dev is passed by through a private node.
     """
     path = f"loop{index}" if dir_fd is not None else device_path(index)
-    want = os.makedev(*sysfs.loop_devt(index))
     try:
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC, dir_fd=dir_fd)
     except FileNotFoundError:
         if not private_nodes or sysfs.devt(f"loop{index}") is None:
             raise
         return _open_private(index)
+    wrong = _wrong_node(fd, index)
+    if wrong is None:
+        return fd
+    if private_nodes:
+        return _open_private(index)
+    raise errors.UnexpectedDevice(index, wrong.st_rdev, wrong.st_mode)
+
+
+def _wrong_node(fd: int, index: int) -> os.stat_result | None:
+    """None when ``fd`` is ``loop{index}``'s block device; else its stat, ``fd`` closed."""
     try:
         st = os.fstat(fd)
     except BaseException:
         os.close(fd)
         raise
-    if stat.S_ISBLK(st.st_mode) and st.st_rdev == want:
-        return fd
+    if stat.S_ISBLK(st.st_mode) and st.st_rdev == os.makedev(*sysfs.loop_devt(index)):
+        return None
     os.close(fd)
-    if private_nodes:
-        return _open_private(index)
-    raise errors.UnexpectedDevice(index, st.st_rdev, st.st_mode)
+    return st
 
 
 def backing_id(index: int) -> tuple[int, int] | None:
@@ -153,15 +160,7 @@ def _open_for_status(index: int) -> int:
         if sysfs.devt(f"loop{index}") is None:
             raise OSError(errno.ENODEV, "removed") from None
         return _open_private(index)
-    try:
-        st = os.fstat(fd)
-    except BaseException:
-        os.close(fd)
-        raise
-    if stat.S_ISBLK(st.st_mode) and st.st_rdev == os.makedev(*sysfs.loop_devt(index)):
-        return fd
-    os.close(fd)
-    return _open_private(index)
+    return fd if _wrong_node(fd, index) is None else _open_private(index)
 
 
 def _id_by_name(name: str) -> tuple[int, int] | None:
