@@ -710,6 +710,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 _OPTIONAL_VALUES = {"--wait": "--wait=10"}
 
 
+def _output_cut() -> int:
+    """Output cut short (e.g. piped into head): not worth a message; status 1.
+
+    Points stdout at /dev/null so the flush at exit does not fail again.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     given = sys.argv[1:] if argv is None else argv
@@ -732,12 +743,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # here, where a broken pipe can still be caught
         return status
     except BrokenPipeError:
-        # Output cut short (e.g. piped into head): not worth a message.
-        # Point stdout at /dev/null so the flush at exit does not fail again.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-        return 1
+        return _output_cut()
     except OSError as exc:
         _report(exc, args.debug)
         return 1

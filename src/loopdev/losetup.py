@@ -697,10 +697,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "losetup") -> int:
         warn(str(exc))
         return 1
     except BrokenPipeError:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-        return 1
+        from loopdev.cli import _output_cut
+
+        return _output_cut()
     except OSError as exc:
         what = f"{o.file}: failed to set up loop device: " if o.action == "create" else ""
         warn(f"{what}{_message(exc)}")
