@@ -607,8 +607,8 @@ static int settle(int dev_fd, const struct ld_config *c, int *stage)
 }
 
 /* Bind and configure an open, unbound device; on failure nothing stays
- * bound. Since 3.7 LOOP_CLR_FD on a device others hold open only marks it
- * autoclear; the unbind then happens when the last opener (normally our
+ * bound. Since 3.7 (commit a1ecac3b0656) LOOP_CLR_FD on a device others hold
+ * open only marks it autoclear; the unbind then happens when the last opener (normally our
  * caller, who closes the fd) goes (libblockdev #1170 leaked here).
  * dev_locked: the caller holds an exclusive flock on dev_fd already. */
 static int configure(int dev_fd, int backing_fd, const struct ld_config *c, int dev_locked,

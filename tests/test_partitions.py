@@ -1,4 +1,4 @@
-"""Partitions of attached images on a real kernel (this one has no MBR/GPT parser)."""
+"""Partitions of attached images on a real kernel, with or without its MBR/GPT parsers."""
 
 from __future__ import annotations
 

@@ -26,6 +26,9 @@ from loopdev.errors import (
 # child waiting forever on that import's lock. (The broker's client is the
 # exception: it costs a socket module and the interface file at import.)
 
+# Not typing.TYPE_CHECKING: importing typing (or dataclasses, which pulls in
+# inspect) at run time costs more than the rest of loopdev together. Every
+# module keeps the type checker's imports behind its own flag and refers here.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing_extensions import Unpack

@@ -15,7 +15,7 @@ import stat
 
 from loopdev import _native, errors, nodes, partitions, parttable, sysfs
 
-TYPE_CHECKING = False  # typing is costly to import at run time
+TYPE_CHECKING = False  # not typing's: see loopdev/__init__.py
 if TYPE_CHECKING:
     from collections.abc import Callable
 

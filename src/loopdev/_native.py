@@ -12,9 +12,7 @@ import os
 from loopdev import errors
 from loopdev._loopdev_ffi import ffi, lib
 
-# Not ``typing.TYPE_CHECKING``: importing typing at run time costs more than
-# the rest of ``import loopdev`` together.
-TYPE_CHECKING = False
+TYPE_CHECKING = False  # not typing's: see loopdev/__init__.py
 if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any

@@ -1,16 +1,16 @@
 """The one idiom for loopdev's value types: frozen, slotted, typed.
 
-Not ``dataclasses`` (importing it pulls in ``inspect``) nor
-``typing.NamedTuple`` (``typing`` costs more at run time than the rest of
-loopdev, and a record is not a tuple).  A subclass annotates its fields,
-names them in ``__match_args__`` (constructor order), and its typed
-``__init__`` stores them with one ``self._values = (...)``: construction is
-a single slot store, each field a read-only property over that tuple.
+Not ``dataclasses`` nor ``typing.NamedTuple`` (costly to import: see
+``loopdev/__init__.py``; and a record is not a tuple).  A subclass annotates
+its fields, names them in ``__match_args__`` (constructor order), and its
+typed ``__init__`` stores them with one ``self._values = (...)``:
+construction is a single slot store, each field a read-only property over
+that tuple.
 """
 
 from __future__ import annotations
 
-TYPE_CHECKING = False  # see loopdev/__init__.py: typing is costly to import
+TYPE_CHECKING = False  # not typing's: see loopdev/__init__.py
 if TYPE_CHECKING:
     from collections.abc import Callable
 

@@ -26,7 +26,7 @@ from loopdev.device import LoopDevice
 from loopdev.errors import BackingFileError, ConfigureError, LoopError, NoFreeDevice
 from loopdev.partitions import PartitionDevice
 
-TYPE_CHECKING = False
+TYPE_CHECKING = False  # not typing's: see loopdev/__init__.py
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 

@@ -1,7 +1,7 @@
 """Drop-in ``Loop`` / ``LoopControl`` API for code written against the classic module.
 
 Same names, parameters, defaults and exceptions; the work is done by the
-native core in :mod:`loopdev._native`, shared with the high-level API.
+engine in :mod:`loopdev._engine`, shared with the high-level API.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from loopdev import _engine, _native, nodes, sysfs
 from loopdev._native import LoopInfo
 from loopdev.errors import UnexpectedDevice
 
-TYPE_CHECKING = False  # typing is costly to import at run time
+TYPE_CHECKING = False  # not typing's: see loopdev/__init__.py
 if TYPE_CHECKING:
     from collections.abc import Callable
 
@@ -120,8 +120,8 @@ class Loop:
         """
         self.clear_fd()
         st = os.fstat(fd)
-        # LOOP_CLR_FD on a device others hold open only sets autoclear (since
-        # 2.6.x), and the unbind happens at the last close; our own fd counts
+        # The unbind happens at the last close (the kernel's deferred
+        # LOOP_CLR_FD: see configure() in csrc/loopdev.c); our own fd counts
         # as an opener. Park it on an O_PATH handle to the same inode (not an
         # opener; works for an unlinked private node too) while waiting, then
         # reopen the device under the same fd number.

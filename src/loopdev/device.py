@@ -17,9 +17,7 @@ from loopdev.errors import (
     WriteBackError,
 )
 
-# Not typing.TYPE_CHECKING, nor dataclasses: importing either costs more at
-# run time than the rest of loopdev.
-TYPE_CHECKING = False
+TYPE_CHECKING = False  # not typing's: see loopdev/__init__.py
 if TYPE_CHECKING:
     from types import TracebackType
     from typing import Literal, Protocol, TypeAlias, TypedDict

@@ -3,9 +3,10 @@
 The same result on every kernel: after :func:`ensure_registered` each
 partition of the image is a block device with the start and size the
 kernel's own parser would give it, whether the kernel parsed the table itself
-or has no parser for it (like this project's CI kernel) and loopdev
-registered it with BLKPG.  What the kernel would truncate or skip, loopdev
-truncates or skips too, with a warning on the ``loopdev`` logger.
+or has no parser for it (built without ``CONFIG_MSDOS_PARTITION`` and
+``CONFIG_EFI_PARTITION``) and loopdev registered it with BLKPG.  What the
+kernel would truncate or skip, loopdev truncates or skips too, with a warning
+on the ``loopdev`` logger.
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ log = logging.getLogger("loopdev")
 SECTOR = 512  # sysfs start and size are in 512-byte sectors whatever the block size
 
 
-# typing.NamedTuple for the type checker only: importing typing at run time
-# costs more than the rest of loopdev (collections comes with logging anyway).
-TYPE_CHECKING = False
+# typing.NamedTuple for the type checker only; collections' at run time (it
+# comes with logging anyway).
+TYPE_CHECKING = False  # not typing's: see loopdev/__init__.py
 if TYPE_CHECKING:
     from typing import NamedTuple
 
