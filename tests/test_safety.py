@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from helpers import (
+    GPT_PARTS,
     MOUNT,
     MiB,
     backing_of,
@@ -259,3 +260,64 @@ def test_library_detach_still_refuses_an_open_partition(tmp_path: Path, devices:
     finally:
         os.close(holder)
     assert poll(lambda: backing_of(dev.minor) is None and partitions_of(dev.minor) == [], 2.0)
+
+
+# --- item 4: a read-only /dev without loop nodes (a container) ----------------------------
+
+
+def body_read_only_dev(image: str, node_dir: str | None) -> dict[str, object]:
+    """In the child: /dev read-only and without loopN; attach, write, detach."""
+    import nsrun
+
+    import loopdev
+
+    subprocess.run(["mount", "-o", "remount,ro", "/dev"], check=True)
+    dev = loopdev.attach(image, partscan=True, node_dir=node_dir)
+    nsrun.used(dev.name)
+    try:
+        assert os.fstat(dev.fd).st_rdev == os.makedev(*nsrun.sysfs_devt(dev.name))
+        payload = os.urandom(4096)
+        if node_dir is None:
+            parts = dev.partitions
+            assert [p.number for p in parts] == [1, 2]
+            assert os.pwrite(dev.fd, payload, parts[1].start) == 4096
+            os.fsync(dev.fd)
+        else:
+            assert sorted(dev.nodes) == sorted([dev.name, f"{dev.name}p1", f"{dev.name}p2"])
+            for name in dev.nodes:
+                nsrun.assert_opens_as(f"{node_dir}/{name}", name)
+            fd = os.open(f"{node_dir}/{dev.name}p2", os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                assert os.pwrite(fd, payload, 0) == 4096
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    finally:
+        dev.detach()
+    left = [n for n in os.listdir("/tmp") if n.startswith(f".loopdev-{os.getpid()}-")]
+    nodes_left = os.listdir(node_dir) if node_dir else []
+    return {"payload": payload.hex(), "left": left + nodes_left}
+
+
+@pytest.mark.parametrize("with_node_dir", [False, True], ids=["no-node-dir", "node-dir"])
+def test_read_only_dev_without_nodes_attaches(
+    tmp_path: Path, devices: None, with_node_dir: bool
+) -> None:
+    import nsrun
+
+    image = gpt_image(tmp_path / "gpt.img")
+    node_dir = None
+    if with_node_dir:
+        node_dir = tmp_path / "nodes"
+        node_dir.mkdir()
+    out = nsrun.run(
+        body_read_only_dev,
+        str(image),
+        None if node_dir is None else str(node_dir),
+        images=[str(image)],
+    )
+    assert out["left"] == []
+    start = GPT_PARTS[1][0]
+    with open(image, "rb") as f:
+        f.seek(start)
+        assert f.read(4096).hex() == out["payload"]

@@ -44,10 +44,11 @@ class Control:
     directory is used as it is (a wrong node there is ``UnexpectedDevice``).
     """
 
-    __slots__ = ("dev_dir", "fd", "private_nodes")
+    __slots__ = ("_scratch", "dev_dir", "fd", "private_nodes")
 
     def __init__(self, dir_fd: int | None = None) -> None:
         self.fd = -1
+        self._scratch: str | None = None
         path = "loop-control" if dir_fd is not None else f"{DEV}/loop-control"
         try:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC, dir_fd=dir_fd)
@@ -84,6 +85,59 @@ class Control:
             os.close(fd)
             if self.private_nodes:
                 os.close(self.dev_dir)
+            if self._scratch is not None:
+                os.rmdir(self._scratch)
+                self._scratch = None
+
+    def use_scratch(self, prefer: str | os.PathLike[str] | None) -> None:
+        """Private nodes from now on in a fresh root-only directory in
+        :func:`scratch_dir` (for a read-only /dev); only in /dev mode."""
+        where = _private_dir(scratch_dir(prefer))
+        try:
+            new = os.open(where, _native.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except BaseException:
+            os.rmdir(where)
+            raise
+        os.close(self.dev_dir)
+        self.dev_dir, self._scratch = new, where
+
+
+def _private_dir(parent: str) -> str:
+    """A new root-only directory below ``parent`` (not tempfile: costly to import,
+    and nothing may be imported on the attach path, see test_fork_during_first_attach)."""
+    for serial in range(1000):
+        where = os.path.join(parent, f".loopdev-{os.getpid()}-s{serial}")
+        try:
+            os.mkdir(where, 0o700)
+        except FileExistsError:
+            continue
+        return where
+    raise errors.DeviceNodeError(errno.EEXIST, "no private directory could be made", device=parent)
+
+
+# Where /dev is read-only, private nodes are made below the first of these
+# that allows device nodes (writable, not nodev); a caller's node_dir and
+# $TMPDIR come first.
+_SCRATCH = ("/tmp", "/run", "/var/tmp", "/dev/shm")
+
+
+def scratch_dir(prefer: str | os.PathLike[str] | None = None) -> str:
+    """A writable directory on a file system that allows device nodes."""
+    for where in (prefer, os.environ.get("TMPDIR"), *_SCRATCH):
+        if not where:
+            continue
+        try:
+            flags = os.statvfs(where).f_flag
+        except OSError:
+            continue
+        if not flags & (os.ST_RDONLY | os.ST_NODEV) and os.access(where, os.W_OK):
+            return os.fspath(where)
+    raise errors.DeviceNodeError(
+        errno.EROFS,
+        "/dev is read-only and no writable directory allows device nodes (all nodev or "
+        "read-only): give a node directory on a file system without nodev",
+        device=DEV,
+    )
 
 
 def open_device(index: int, dir_fd: int | None = None, *, private_nodes: bool = False) -> int:
@@ -173,8 +227,20 @@ def _id_by_name(name: str) -> tuple[int, int] | None:
 
 
 def _open_private(index: int) -> int:
+    """``loop{index}`` through a private node in /dev, or in a scratch directory where
+    /dev is read-only."""
     dev_dir = os.open(DEV, _native.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
+        return _native.open_private(dev_dir, index, sysfs.minor_shift())
+    except errors.DeviceNodeError as exc:
+        if exc.errno != errno.EROFS:
+            raise
+    finally:
+        os.close(dev_dir)
+    scratch = scratch_dir()
+    dev_dir = os.open(scratch, _native.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        # The C helper makes its own root-only directory below this one.
         return _native.open_private(dev_dir, index, sysfs.minor_shift())
     finally:
         os.close(dev_dir)
@@ -189,25 +255,39 @@ def attach(
     on_open: Callable[[int, int], None] | None = None,
     on_discard: Callable[[int], None] | None = None,
     node_mode: int = 0o600,
+    node_dir: str | os.PathLike[str] | None = None,
 ) -> tuple[int, int]:
     """Bind a free device to ``backing_fd``; returns ``(index, fd)``.
 
     With hooks, ``on_open`` adopts each device fd the loop opens and
     ``on_discard`` closes one that is given up (also after a failure here).
-    A failure leaves nothing bound and no partition registered.
+    A failure leaves nothing bound and no partition registered. Where /dev
+    is read-only and has no node for the device, the private node is made
+    in a scratch directory (``node_dir`` first) instead.
     """
     _block_size_for_table(backing_fd, config)
-    got = _native.attach(
-        control.fd,
-        control.dev_dir,
-        backing_fd,
-        config,
-        lock=lock,
-        on_open=on_open,
-        on_discard=on_discard,
-        private_nodes=control.private_nodes,
-        part_shift=sysfs.minor_shift(),
-    )
+
+    def run() -> _native.Attached:
+        return _native.attach(
+            control.fd,
+            control.dev_dir,
+            backing_fd,
+            config,
+            lock=lock,
+            on_open=on_open,
+            on_discard=on_discard,
+            private_nodes=control.private_nodes,
+            part_shift=sysfs.minor_shift(),
+        )
+
+    try:
+        got = run()
+    except errors.DeviceNodeError as exc:
+        # Nothing is bound: the node stage comes before configure.
+        if exc.errno != errno.EROFS or not control.private_nodes or control._scratch:
+            raise
+        control.use_scratch(node_dir)
+        got = run()
     try:
         register_partitions(got.fd, got.minor, config)
         publish_nodes(got.minor, config, node_mode)

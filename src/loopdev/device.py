@@ -545,7 +545,9 @@ def attach(
         )
         control = _engine.Control()
         try:
-            minor, dev_fd = _engine.attach(control, fd, config, lock=lock, node_mode=node_mode)
+            minor, dev_fd = _engine.attach(
+                control, fd, config, lock=lock, node_mode=node_mode, node_dir=node_dir
+            )
         finally:
             control.close()
         dev = LoopDevice(minor, dev_fd, owned=True, backing_st=st)
