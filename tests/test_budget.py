@@ -211,3 +211,39 @@ def test_attach_detach_syscalls(tmp_path: Path, devices: None) -> None:
     """
     calls = _best(traced(code, _CONFIGURE))
     assert len(calls) <= ATTACH_DETACH_BUDGET, "\n".join(calls)
+
+
+# --- import -------------------------------------------------------------------------------
+
+# Each cost more at import than the rest of loopdev together; none is needed at run
+# time (issue 17: logging alone was 13 ms of ``import loopdev``'s 18).
+_HEAVY = ("logging", "typing", "dataclasses", "re", "enum")
+
+
+def test_import_loads_nothing_heavy() -> None:
+    code = f"import sys, loopdev; print([m for m in {_HEAVY!r} if m in sys.modules])"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "[]", out
+
+
+def test_warning_without_logging_goes_to_stderr() -> None:
+    """A program that never loaded logging still sees loopdev's warnings (stderr), and
+    warning does not import logging (no import on the attach path: fork safety)."""
+    code = (
+        "import sys\nfrom loopdev import errors\nerrors.warn('partition 5 is not registered')\n"
+        "print('logging' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    assert out.stderr == "loopdev: warning: partition 5 is not registered\n"
+
+
+def test_warning_with_logging_goes_to_the_loopdev_logger() -> None:
+    code = (
+        "import logging, sys\nlogging.basicConfig(format='%(name)s %(levelname)s %(message)s')\n"
+        "from loopdev import errors\nerrors.warn('read-only /dev')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stderr == "loopdev WARNING read-only /dev\n"

@@ -9,7 +9,6 @@ partitions, with one abort path), configure an open device, release.
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import stat
 
@@ -368,7 +367,7 @@ def publish_nodes(index: int, config: _native.Config, mode: int = 0o600) -> None
         made.remove()
         if exc.errno != errno.EROFS:
             raise
-        logging.getLogger("loopdev").warning("/dev is read-only: no nodes for loop%d", index)
+        errors.warn(f"/dev is read-only: no nodes for loop{index}")
     finally:
         made.close()
 

@@ -6,30 +6,26 @@ kernel's own parser would give it, whether the kernel parsed the table itself
 or has no parser for it (built without ``CONFIG_MSDOS_PARTITION`` and
 ``CONFIG_EFI_PARTITION``) and loopdev registered it with BLKPG.  What the
 kernel would truncate or skip, loopdev truncates or skips too, with a warning
-on the ``loopdev`` logger.
+(:func:`loopdev.errors.warn`).
 """
 
 from __future__ import annotations
 
 import bisect
 import collections
-import logging
 import os
 import stat
 import time
 
 from loopdev import _native
-from loopdev.errors import LoopError
+from loopdev.errors import LoopError, warn
 from loopdev.parttable import _EXTENDED_TYPES, PartitionTable, read_table
 from loopdev.sysfs import SYS_BLOCK, is_gone
-
-log = logging.getLogger("loopdev")
 
 SECTOR = 512  # sysfs start and size are in 512-byte sectors whatever the block size
 
 
-# typing.NamedTuple for the type checker only; collections' at run time (it
-# comes with logging anyway).
+# typing.NamedTuple for the type checker only; collections' at run time.
 TYPE_CHECKING = False  # not typing's: see loopdev/__init__.py
 if TYPE_CHECKING:
     from typing import NamedTuple
@@ -112,7 +108,7 @@ def ensure_registered(dev_fd: int, minor: int, backing: str | None = None) -> in
     where = f"{device} ({backing})" if backing else device
     plan, notes = blkpg_plan(table, sector)
     for note in (*table.notes, *notes):
-        log.warning("%s: %s", where, note)
+        warn(f"{where}: {note}")
     added = 0
     try:
         for number, start, length in plan:
