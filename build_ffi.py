@@ -16,7 +16,7 @@ ffibuilder.set_source(
     (CSRC / "loopdev.c").read_text(),
     include_dirs=[str(CSRC)],
     extra_compile_args=["-O2", "-Wall", "-pthread"],
-    # pthread_once/pthread_mutex_*/pthread_atfork live in libpthread before
+    # pthread_sigmask lives in libpthread before
     # glibc 2.34 (manylinux2014 has 2.17): link it instead of relying on the
     # interpreter having loaded it.
     extra_link_args=["-pthread"],

@@ -57,7 +57,6 @@ struct ld_attach_res {
     int retries;
     int exhausted;              /* retries or time ran out; err and stage are
                                    the last race seen */
-    int unlocked;               /* went on without the loop-control lock */
     uint64_t rdev;              /* LD_STAGE_CHECK: what the node really is */
     uint32_t mode;
 };

@@ -162,16 +162,23 @@ def test_partscan_split_when_locked(tmp_path: Path, gpt: Path, devices: None) ->
 # --- budgets ------------------------------------------------------------------------------
 
 # System calls of one compat cycle (loop_for_fd + clear_fd + close) with a
-# LoopControl already open. raw C needs 5 (bench/raw_cycle.c): GET_FREE, open,
-# LOOP_CONFIGURE, LOOP_CLR_FD, close. loopdev adds: the node check (fstat), the
-# stale-partition check (one stat of the sysfs directory), the backing path for
-# lo_file_name (readlink), the read-back (LOOP_GET_STATUS64), and on release the
-# partition check again (one stat).
-COMPAT_CYCLE_BUDGET = 12
-# attach(fd, direct_io=False).detach(timeout=0): the compat cycle's, plus the
-# backing fd's checks (readlink, fstat, F_GETFL), loop-control and /dev opened and
-# closed, BLKGETDISKSEQ, and the write-back fsync.
-ATTACH_DETACH_BUDGET = 20
+# LoopControl already open: 10, was 14 before issue 17. raw C needs 5
+# (bench/raw_cycle.c): GET_FREE, open, LOOP_CONFIGURE, LOOP_CLR_FD, close.
+# loopdev adds five, each for a guarantee: the node check (fstat: the node is
+# block device loopN, never BLKPG on another disk), the stale-partition check
+# before binding (one stat of the sysfs directory), the backing path for
+# lo_file_name (readlink; test_compat_records_backing_path), the read-back
+# (LOOP_GET_STATUS64: verified settings), and the partition check at release
+# (one stat). Gone: the loop-control flock pair (test_no_lock_on_loop_control),
+# LOOP_GET_STATUS64 before configure (the configure answers EBUSY itself) and
+# at release of a device we attached (see ld_del_partitions).
+COMPAT_CYCLE_BUDGET = 10
+# attach(fd, direct_io=False).detach(timeout=0): 18, was 22. The compat cycle's
+# but the readlink (the path comes from Python), plus the backing fd's checks
+# (readlink, fstat, F_GETFL), loop-control and /dev opened and closed,
+# BLKGETDISKSEQ (identity), and the write-back fsync (data written through the
+# device reaches the backing file, or WriteBackError).
+ATTACH_DETACH_BUDGET = 18
 
 
 def test_compat_cycle_syscalls(tmp_path: Path, devices: None) -> None:

@@ -1,7 +1,5 @@
 """The shared engine: behaviours both faces get from it, on real devices.
 
-- the loop-control lock is a courtesy: SIGINT while waiting for it raises
-  ``KeyboardInterrupt`` at once and leaves nothing bound;
 - fork() while another thread runs a first attach: the child attaches (no
   import happens on the attach path);
 - compat ``set_status`` that moves the offset moves the partitions with it;
@@ -16,8 +14,6 @@ import errno
 import gc
 import os
 import shutil
-import signal
-import stat
 import subprocess
 import sys
 import textwrap
@@ -45,49 +41,6 @@ def _gpt(path: Path) -> Path:
     script = "label: gpt\nstart=2048, size=4096\nstart=8192, size=4096\n"
     subprocess.run(["sfdisk", "-q", str(path)], input=script, text=True, check=True)
     return path
-
-
-def test_sigint_while_waiting_for_control_lock(tmp_path: Path, devices: None) -> None:
-    """A child waits for a loop-control lock we hold; SIGINT ends the wait at once with
-    KeyboardInterrupt and nothing bound."""
-    image = _image(tmp_path / "sig.img")
-    private = tmp_path / "private"
-    private.mkdir()
-    os.mknod(private / "loop-control", stat.S_IFCHR | 0o600, os.makedev(10, 237))
-    holder = os.open(private / "loop-control", os.O_RDWR | os.O_CLOEXEC)
-    import fcntl
-
-    fcntl.flock(holder, fcntl.LOCK_EX)
-    child = textwrap.dedent(
-        f"""
-        import os, sys, time
-        from loopdev import LoopControl
-        ctl = LoopControl(os.open({str(private)!r}, os.O_PATH | os.O_DIRECTORY))
-        fd = os.open({str(image)!r}, os.O_RDWR)
-        print("ready", flush=True)
-        try:
-            ctl.loop_for_fd(fd, autoclear=True)
-        except KeyboardInterrupt:
-            print(time.monotonic(), flush=True)
-            sys.exit(0)
-        sys.exit(3)
-        """
-    )
-    proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == "ready"
-        time.sleep(0.2)  # inside the wait for the lock
-        sent = time.monotonic()
-        proc.send_signal(signal.SIGINT)
-        raised = float(proc.stdout.readline())
-        assert proc.wait(10) == 0
-    finally:
-        proc.kill()
-        proc.wait()
-        os.close(holder)
-    assert raised - sent < 0.1, f"KeyboardInterrupt {raised - sent:.3f} s after SIGINT"
-    assert bound_under(str(tmp_path)) == []
 
 
 def test_fork_during_first_attach(tmp_path: Path, devices: None) -> None:

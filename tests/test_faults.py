@@ -27,6 +27,7 @@ import fcntl
 import json
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -128,8 +129,7 @@ class Outcome:
 
     def seconds_after_fault(self) -> float:
         """From the last fault to the error reaching the caller. Not from the start:
-        waiting for the loop-control lock that other allocators on this machine hold,
-        or a real race retried before the fault, is no retry of the fault."""
+        a real race retried before the fault is no retry of the fault."""
         last = max(call.ns for call in self.log if call.what == "fire")
         return (self.result["failed_ns"] - last) / 1e9
 
@@ -245,10 +245,6 @@ RETRIED = {
     "block_size-EAGAIN": Case(
         ioctl(_native.LOOP_SET_BLOCK_SIZE, "EAGAIN", 3), {"block_size": 4096}, ("fallback",)
     ),
-    # Another allocator holds the loop-control lock for a moment.
-    "control-flock-EWOULDBLOCK": Case(
-        Fault("flock", "loop-control", "EWOULDBLOCK", 3), {}, ("configure", "fallback")
-    ),
 }
 
 
@@ -301,15 +297,54 @@ def test_partscan_the_kernel_ignored_goes_on_after(
 
 
 @pytest.mark.parametrize("api", ["attach", "compat"])
-def test_refused_control_lock_is_not_fatal(
-    faults_lib: Path, tmp_path: Path, image: Path, api: str
-) -> None:
-    """The loop-control lock is a courtesy: flock refused for good (ENOLCK) does not
-    fail the attach, which goes on without the lock."""
-    fault = Fault("flock", "loop-control", "ENOLCK", None)
+def test_no_lock_on_loop_control(faults_lib: Path, tmp_path: Path, image: Path, api: str) -> None:
+    """attach takes no flock on loop-control (issue 17: the lock lengthened the tail
+    under contention; the races it avoided are retried), so no other allocator holding
+    it, stopped or hung, can delay attach."""
+    fault = Fault("flock", "loop-control", "count", None)
     out = run_child(faults_lib, tmp_path, image, [fault], api, "configure", {})
-    assert out.result["ok"], f"{fault} failed the attach: {out.result}"
-    assert out.fired(0) >= 1, out.log
+    assert out.result["ok"], out.result
+    assert out.passed(0) == 0, out.log
+    assert wait_unbound(str(tmp_path)) == []
+
+
+def test_sigint_while_backing_off(faults_lib: Path, tmp_path: Path, image: Path) -> None:
+    """Every configure answers EBUSY (the minor taken each time): attach backs off
+    between rounds; SIGINT raises KeyboardInterrupt at once and nothing is bound."""
+    child = f"""
+import os, sys, time
+from loopdev import LoopControl
+ctl = LoopControl()
+fd = os.open({str(image)!r}, os.O_RDWR | os.O_CLOEXEC)
+print("ready", flush=True)
+try:
+    ctl.loop_for_fd(fd, autoclear=True)
+except KeyboardInterrupt:
+    print(time.monotonic(), flush=True)
+    sys.exit(0)
+sys.exit(3)
+"""
+    env = dict(os.environ)
+    env.update(
+        LD_PRELOAD=str(faults_lib),
+        LOOPDEV_FAULTS=str(ioctl(_native.LOOP_CONFIGURE, "EBUSY", None)),
+        LOOPDEV_FORCE_FALLBACK="0",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", child], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(0.3)  # past the immediate retries, inside a backoff sleep
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        raised = float(proc.stdout.readline())
+        assert proc.wait(10) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+    assert raised - sent < 0.1, f"KeyboardInterrupt {raised - sent:.3f} s after SIGINT"
     assert wait_unbound(str(tmp_path)) == []
 
 

@@ -1,6 +1,6 @@
 """Resource limits: with every candidate device unusable, attach ends in a typed error
-within its bound; a loop-control lock held by another allocator does not make attach
-outlive its timeout: after about a second attach goes on without it.
+within its bound; a loop-control lock held by another allocator does not delay attach
+(loopdev takes none).
 """
 
 from __future__ import annotations
@@ -108,9 +108,9 @@ def test_exhausted_candidates_fail_within_bound(tmp_path: Path, devices: None) -
     assert open_fds() == before
 
 
-def test_held_control_lock_is_a_courtesy(tmp_path: Path, devices: None) -> None:
+def test_held_control_lock_does_not_delay(tmp_path: Path, devices: None) -> None:
     """Another allocator holds the loop-control lock (a stopped or hung process): attach
-    goes on without it after about a second, instead of waiting or failing. A private
+    does not wait for it; loopdev takes no lock there (issue 17). A private
     loop-control node: its flock is ours alone, nobody else on the machine waits for it;
     the private directory has no loop nodes, so the device is reached through a private
     node (as in a container)."""
@@ -129,6 +129,5 @@ def test_held_control_lock_is_a_courtesy(tmp_path: Path, devices: None) -> None:
     finally:
         for closing in (holder, ctl, fd, dir_fd):
             os.close(closing)
-    assert got.unlocked, "attach claims to have held a lock another process holds"
-    assert 0.9 < elapsed < 1.5, f"attach took {elapsed:.2f} s with the control lock held"
+    assert elapsed < 0.5, f"attach took {elapsed:.2f} s with the control lock held"
     assert os.listdir(tmp_path / "private") == ["loop-control"], "private node left behind"

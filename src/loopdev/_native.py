@@ -477,13 +477,12 @@ def bind(dev_fd: int, index: int, backing_fd: int, config: Config, *, device: st
 class Attached:
     """The outcome of :func:`attach`: the device fd and how many extra rounds it took."""
 
-    __slots__ = ("fd", "minor", "retries", "unlocked")
+    __slots__ = ("fd", "minor", "retries")
 
-    def __init__(self, minor: int, fd: int, retries: int, unlocked: bool) -> None:
+    def __init__(self, minor: int, fd: int, retries: int) -> None:
         self.minor = minor
         self.fd = fd
         self.retries = retries
-        self.unlocked = unlocked
 
 
 class _Hooks:
@@ -594,7 +593,7 @@ def attach(
         raise hooks.error
     if err < 0:
         raise _attach_error(res, err, config.file_name or fd_path(backing_fd))
-    return Attached(res.index, res.fd, res.retries, bool(res.unlocked))
+    return Attached(res.index, res.fd, res.retries)
 
 
 lib.ld_init()
