@@ -6,7 +6,7 @@ import errno as _errno
 import os
 import sys
 
-TYPE_CHECKING = False  # typing is costly to import at run time
+TYPE_CHECKING = False  # not typing's: see loopdev/__init__.py
 if TYPE_CHECKING:
     from logging import Logger
 
