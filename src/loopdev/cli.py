@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, TypeVar
 from loopdev.errors import LoopError
 
 if TYPE_CHECKING:
+    import subprocess
+
     from loopdev.device import DeviceInfo, DirectIO, LoopDevice
 
 __all__ = ["main", "parse_size"]
@@ -294,6 +296,15 @@ def _warn_if_tiny(path: str, offset: int) -> None:
 
 def cmd_attach(args: argparse.Namespace) -> int:
     """Attach FILE to a free device that stays bound after we exit."""
+    if os.environ.get("LOOPDEV_BROKER"):
+        raise LoopError(
+            errno.EINVAL,
+            "through the broker (LOOPDEV_BROKER) a device lives only as long as the process "
+            "that asked for it, so `loopdev attach` cannot leave one bound; run what needs "
+            "it as `loopdev run [OPTIONS] FILE -- COMMAND [ARG...]` (the device is in "
+            "$LOOPDEV, its partitions in $LOOPDEV_PARTITIONS)",
+            backing=args.file,
+        )
     if args.nooverlap:
         reuse = _overlapping(args.file, args.offset, args.sizelimit, args.read_only)
         if reuse is not None:
@@ -324,8 +335,13 @@ def cmd_attach(args: argparse.Namespace) -> int:
     return 0
 
 
-def _attach_file(args: argparse.Namespace, backing: str | int, read_only: bool) -> LoopDevice:
-    from loopdev.device import attach
+def _attach_file(
+    args: argparse.Namespace, backing: str | int, read_only: bool, *, run: bool | None = None
+) -> LoopDevice:
+    """``attach`` (``run`` None): a device that outlives us, locked while configured.
+    ``run`` True/False: an autoclear device, locked where ``run`` is True (through
+    the broker that ``LOOPDEV_BROKER`` names, if any: ``loopdev.attach``)."""
+    from loopdev import attach
 
     return attach(
         backing,
@@ -335,11 +351,97 @@ def _attach_file(args: argparse.Namespace, backing: str | int, read_only: bool) 
         partscan=args.partscan,
         direct_io=_DIRECT_IO[args.direct_io],
         block_size=args.sector_size,
-        # The device outlives this process, like losetup's.
-        autoclear=False,
+        # The device outlives this process, like losetup's (not so for run).
+        autoclear=run is not None,
         # Keeps probers off the device while it is configured (losetup locks too).
-        lock=True,
+        lock=run is None or run,
     )
+
+
+# What a shell exits with for a command it cannot run.
+_CANNOT_EXECUTE, _NOT_FOUND = 126, 127
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Attach FILE for exactly the life of COMMAND; exit with COMMAND's status.
+
+    The device is released afterwards whatever happens to COMMAND; if loopdev
+    itself is killed, autoclear (or, through a broker, the broker) releases
+    it. Ctrl-C reaches COMMAND from the terminal as for any foreground job;
+    loopdev ignores it and waits. SIGTERM and SIGHUP sent to loopdev are
+    passed on to COMMAND.
+    """
+    import signal
+
+    broker = bool(os.environ.get("LOOPDEV_BROKER"))
+    fd, read_only = (None, True) if args.read_only else _open_writable(args.file)
+    if read_only and not args.read_only:
+        _warn(f"{args.file}: Warning: file is write-protected, attaching read-only")
+    _warn_if_tiny(args.file, args.offset)
+    try:
+        # autoclear: a SIGKILLed loopdev leaves nothing bound. No lock through a
+        # broker: it keeps probers off by itself.
+        dev = _attach_file(args, args.file if fd is None else fd, read_only, run=not broker)
+    finally:
+        if fd is not None:
+            os.close(fd)
+    child: list[subprocess.Popen[bytes]] = []
+    pending: list[int] = []
+
+    def forward(signum: int, frame: object) -> None:
+        if child:
+            child[0].send_signal(signum)
+        else:
+            pending.append(signum)
+
+    def ignore(signum: int, frame: object) -> None:
+        pass  # a Python handler, not SIG_IGN: COMMAND gets the default again at exec
+
+    handlers = {
+        signal.SIGINT: ignore,
+        signal.SIGQUIT: ignore,
+        signal.SIGTERM: forward,
+        signal.SIGHUP: forward,
+    }
+    old = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
+    try:
+        status = _run_command(dev, args.cmd, child, pending)
+        try:
+            # lazy: a partition COMMAND left open (a background prober) defers the
+            # release to its close, as losetup -d would.
+            dev.detach(lazy=True)
+        except OSError as exc:
+            _report(exc, args.debug)
+            status = status or 1
+    finally:
+        dev.close()
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    return status
+
+
+def _run_command(
+    dev: LoopDevice, cmd: list[str], child: list[subprocess.Popen[bytes]], pending: list[int]
+) -> int:
+    """Run ``cmd`` with the device in its environment; its exit status, shell style."""
+    import subprocess  # only run needs it
+
+    env = dict(os.environ)
+    env["LOOPDEV"] = dev.path
+    env["LOOPDEV_PARTITIONS"] = " ".join(p.path for p in dev.partitions)
+    try:
+        proc = subprocess.Popen(cmd, env=env)
+    except FileNotFoundError:
+        _warn(f"{cmd[0]}: command not found")
+        return _NOT_FOUND
+    except OSError as exc:
+        _warn(f"{cmd[0]}: {exc.strerror}")
+        return _CANNOT_EXECUTE
+    child.append(proc)
+    for signum in pending:
+        proc.send_signal(signum)
+    code = proc.wait()
+    return code if code >= 0 else 128 - code
 
 
 def _not_bound(exc: OSError, path: str) -> OSError:
@@ -463,35 +565,8 @@ def cmd_resize(args: argparse.Namespace) -> int:
 # --- parser ------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (exposed for tests and shell-completion generators)."""
-    # --debug works before and after the subcommand; SUPPRESS keeps the
-    # subparser's default from overwriting a --debug given before it.
-    debug = argparse.ArgumentParser(add_help=False)
-    debug.add_argument(
-        "--debug",
-        action="store_true",
-        default=argparse.SUPPRESS,
-        help="show the traceback on errors",
-    )
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="Set up and control loop devices (a losetup work-alike).",
-    )
-    parser.add_argument("--debug", action="store_true", help="show the traceback on errors")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    def command(
-        name: str,
-        func: Callable[[argparse.Namespace], int],
-        help: str,
-    ) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, parents=[debug], help=help, description=help)
-        p.set_defaults(func=func)
-        return p
-
-    p = command("attach", cmd_attach, "attach FILE to a free loop device (losetup -f FILE)")
+def _attach_options(p: argparse.ArgumentParser) -> None:
+    """The options ``attach`` and ``run`` share: how the device is set up."""
     p.add_argument(
         "-o",
         "--offset",
@@ -527,6 +602,38 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="logical sector size: 512, 1024, 2048 or 4096",
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for tests and shell-completion generators)."""
+    # --debug works before and after the subcommand; SUPPRESS keeps the
+    # subparser's default from overwriting a --debug given before it.
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show the traceback on errors",
+    )
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Set up and control loop devices (a losetup work-alike).",
+    )
+    parser.add_argument("--debug", action="store_true", help="show the traceback on errors")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(
+        name: str,
+        func: Callable[[argparse.Namespace], int],
+        help: str,
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[debug], help=help, description=help)
+        p.set_defaults(func=func)
+        return p
+
+    p = command("attach", cmd_attach, "attach FILE to a free loop device (losetup -f FILE)")
+    _attach_options(p)
     p.add_argument("--show", action="store_true", help="print the device path")
     p.add_argument(
         "-L",
@@ -535,6 +642,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="reuse a device of FILE with the same offset and size limit; fail if one overlaps",
     )
     p.add_argument("file", metavar="FILE")
+
+    p = command(
+        "run",
+        cmd_run,
+        "attach FILE, run COMMAND with LOOPDEV (the device) and LOOPDEV_PARTITIONS "
+        "(its partitions) in its environment, then detach; exits with COMMAND's status",
+    )
+    _attach_options(p)
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARG...]")
 
     p = command(
         "detach", cmd_detach, "detach devices, or every device of a backing FILE (losetup -d)"
@@ -734,9 +851,17 @@ def main(argv: list[str] | None = None) -> int:
 
         return losetup.main(given[1:], prog=f"{PROG} losetup")
     parser = build_parser()
-    args = parser.parse_args([_OPTIONAL_VALUES.get(arg, arg) for arg in given])
+    command = next((arg for arg in given if not arg.startswith("-")), None)
+    if command == "detach":
+        given = [_OPTIONAL_VALUES.get(arg, arg) for arg in given]
+    args = parser.parse_args(given)
     if args.command == "detach" and args.all == bool(args.targets):
         parser.error("detach needs DEVICE or FILE arguments, or --all (not both)")
+    if args.command == "run":
+        if args.cmd[:1] == ["--"]:  # argparse keeps it on some versions
+            args.cmd = args.cmd[1:]
+        if not args.cmd:
+            parser.error("run needs a command: loopdev run [OPTIONS] FILE -- COMMAND [ARG...]")
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         status = func(args)
