@@ -27,7 +27,17 @@ from helpers import (
     wait_unbound,
 )
 
-from loopdev import DeviceBusy, LoopControl, WriteBackError
+import loopdev
+from loopdev import (
+    BackingFileError,
+    ConfigureError,
+    DeviceBusy,
+    DeviceNodeError,
+    LoopControl,
+    LoopError,
+    UnexpectedDevice,
+    WriteBackError,
+)
 from loopdev.device import attach, find
 
 UMOUNT = "umount"
@@ -321,3 +331,104 @@ def test_read_only_dev_without_nodes_attaches(
     with open(image, "rb") as f:
         f.seek(start)
         assert f.read(4096).hex() == out["payload"]
+
+
+# --- item 6: the smaller ones ----------------------------------------------------------------
+
+
+def test_direct_io_before_the_file_as_in_losetup(image_plain: Path) -> None:
+    done = run_cli("attach", "--show", "--direct-io", str(image_plain))
+    assert done.returncode == 0, done.stderr
+    path = done.stdout.strip()
+    try:
+        with open(f"/sys/block/{os.path.basename(path)}/loop/dio") as f:
+            assert f.read().strip() == "1"
+    finally:
+        assert run_cli("detach", "--wait", path).returncode == 0
+
+
+def test_unknown_option_gets_the_subcommands_usage(image_plain: Path) -> None:
+    done = run_cli("attach", "--bogus", str(image_plain))
+    assert done.returncode == 2
+    assert "usage: loopdev attach" in done.stderr
+    assert "unrecognized arguments: --bogus" in done.stderr
+    assert find(image_plain) == []
+
+
+def test_library_warnings_carry_the_prefix(tmp_path: Path, devices: None) -> None:
+    """A table note the library logs (partitions past the end) reaches stderr as
+    ``loopdev: ...``, like the command's own lines."""
+    image = sparse(tmp_path / "mbr.img", 16 * MiB)
+    table = "label: dos\nstart=2048, size=8192\nstart=12288, size=16384\n"
+    subprocess.run(
+        ["sfdisk", "-q", "--no-reread", "--no-tell-kernel", str(image)],
+        input=table,
+        text=True,
+        check=True,
+    )
+    with open(image, "r+b") as f:
+        f.truncate(8 * MiB)  # partition 2 (6-14 MiB) now runs past the end
+    done = run_cli("attach", "--show", "-P", str(image))
+    assert done.returncode == 0, done.stderr
+    try:
+        lines = done.stderr.splitlines()
+        assert lines, "expected a warning"
+        assert all(line.startswith("loopdev: ") for line in lines), done.stderr
+    finally:
+        run_cli("detach", "--wait", done.stdout.strip())
+
+
+@pytest.fixture
+def image_plain(tmp_path: Path, devices: None) -> Path:
+    return sparse(tmp_path / "plain.img", 4 * MiB)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "code", "text"),
+    [
+        ({"block_size": "4096"}, ConfigureError, errno.EINVAL, "must be an int"),
+        ({"offset": 1.5}, ConfigureError, errno.EINVAL, "must be an int"),
+        ({"node_dir": "FILE"}, DeviceNodeError, errno.ENOTDIR, "not a directory"),
+    ],
+    ids=["block-size-str", "offset-float", "node-dir-file"],
+)
+def test_wrong_types_say_what_is_wrong(
+    image_plain: Path, kwargs: dict[str, object], exc: type[LoopError], code: int, text: str
+) -> None:
+    if kwargs.get("node_dir") == "FILE":
+        kwargs = {"node_dir": str(image_plain)}
+    with pytest.raises(exc) as info:
+        attach(image_plain, **kwargs)  # type: ignore[arg-type]
+    assert info.value.errno == code and text in str(info.value)
+    assert find(image_plain) == []
+
+
+def test_bools_are_not_numbers(image_plain: Path) -> None:
+    with pytest.raises(BackingFileError) as info:
+        attach(True)  # type: ignore[arg-type]
+    assert info.value.errno == errno.EINVAL and "True" in str(info.value)
+    with pytest.raises(LoopError) as opened:
+        loopdev.open(True)
+    assert "loopTrue" not in str(opened.value) and "True" in str(opened.value)
+
+
+def test_open_honours_the_directory(tmp_path: Path, image_plain: Path) -> None:
+    nodes = tmp_path / "nodes"
+    nodes.mkdir()
+    with attach(image_plain, node_dir=nodes) as dev:
+        other = dev.minor + 1
+        opened = loopdev.open(str(nodes / dev.name))
+        try:
+            assert opened.path == str(nodes / dev.name) and opened.minor == dev.minor
+            assert os.fstat(opened.fd).st_rdev == os.fstat(dev.fd).st_rdev
+        finally:
+            opened.close()
+        os.link(nodes / dev.name, nodes / f"loop{other}")  # wrong numbers for its name
+        try:
+            with pytest.raises(UnexpectedDevice):
+                loopdev.open(str(nodes / f"loop{other}"))
+        finally:
+            os.unlink(nodes / f"loop{other}")
+        with pytest.raises(DeviceNodeError) as missing:
+            loopdev.open(str(tmp_path / "nowhere" / "loop0"))
+        assert missing.value.errno == errno.ENOENT

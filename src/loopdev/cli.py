@@ -629,7 +629,8 @@ def build_parser() -> argparse.ArgumentParser:
         help: str,
     ) -> argparse.ArgumentParser:
         p = sub.add_parser(name, parents=[debug], help=help, description=help)
-        p.set_defaults(func=func)
+        # The subcommand's own parser: its usage goes with its errors.
+        p.set_defaults(func=func, subparser=p)
         return p
 
     p = command("attach", cmd_attach, "attach FILE to a free loop device (losetup -f FILE)")
@@ -823,8 +824,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 # Options whose value is optional, as with getopt: the value only after "=",
-# so that "--wait /dev/loop3" waits (10 s) for /dev/loop3.
-_OPTIONAL_VALUES = {"--wait": "--wait=10"}
+# so that "--wait /dev/loop3" waits (10 s) for /dev/loop3 and
+# "--direct-io disk.img" attaches disk.img with direct I/O (as losetup).
+_OPTIONAL_VALUES = {
+    "detach": {"--wait": "--wait=10"},
+    "attach": {"--direct-io": "--direct-io=on"},
+    "run": {"--direct-io": "--direct-io=on"},
+}
+
+
+def _with_values(given: list[str]) -> list[str]:
+    """``given`` with the bare optional-value options of its subcommand completed
+    (up to "--": what follows belongs to run's command)."""
+    command = next((arg for arg in given if not arg.startswith("-")), None)
+    table = _OPTIONAL_VALUES.get(command or "", {})
+    out: list[str] = []
+    for i, arg in enumerate(given):
+        if arg == "--":
+            return out + given[i:]
+        out.append(table.get(arg, arg))
+    return out
 
 
 def _output_cut() -> int:
@@ -851,17 +870,17 @@ def main(argv: list[str] | None = None) -> int:
 
         return losetup.main(given[1:], prog=f"{PROG} losetup")
     parser = build_parser()
-    command = next((arg for arg in given if not arg.startswith("-")), None)
-    if command == "detach":
-        given = [_OPTIONAL_VALUES.get(arg, arg) for arg in given]
-    args = parser.parse_args(given)
+    args, unknown = parser.parse_known_args(_with_values(given))
+    sub: argparse.ArgumentParser = args.subparser
+    if unknown:
+        sub.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command == "detach" and args.all == bool(args.targets):
-        parser.error("detach needs DEVICE or FILE arguments, or --all (not both)")
+        sub.error("detach needs DEVICE or FILE arguments, or --all (not both)")
     if args.command == "run":
         if args.cmd[:1] == ["--"]:  # argparse keeps it on some versions
             args.cmd = args.cmd[1:]
         if not args.cmd:
-            parser.error("run needs a command: loopdev run [OPTIONS] FILE -- COMMAND [ARG...]")
+            sub.error("run needs a command: loopdev run [OPTIONS] FILE -- COMMAND [ARG...]")
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         status = func(args)

@@ -14,6 +14,7 @@ from loopdev.errors import (
     DeviceBusy,
     DeviceNodeError,
     LoopError,
+    UnexpectedDevice,
     WriteBackError,
 )
 
@@ -408,6 +409,11 @@ def _validate(
             f"size limit {sizelimit} is not a non-negative multiple of 512",
             backing=where,
         )
+    for name, value in (("offset", offset), ("size limit", sizelimit), ("block size", block_size)):
+        if value is not None and (type(value) is bool or not isinstance(value, int)):
+            raise ConfigureError(
+                errno.EINVAL, f"{name} must be an int, not {value!r}", backing=where
+            )
     if block_size is not None and block_size not in _BLOCK_SIZES:
         raise ConfigureError(
             errno.EINVAL,
@@ -424,6 +430,10 @@ def _validate(
 
 def _open_backing(backing: Backing, read_only: bool) -> tuple[int, str, bool]:
     """The backing fd, its path for messages, and whether we opened it."""
+    if isinstance(backing, bool):
+        raise BackingFileError(
+            errno.EINVAL, f"backing must be a path or a file descriptor, not {backing!r}"
+        )
     if isinstance(backing, int):
         if backing < 0:
             raise BackingFileError(errno.EBADF, f"invalid file descriptor {backing}")
@@ -529,8 +539,11 @@ def attach(
     where = None if isinstance(backing, int) else os.fspath(backing)
     _validate(offset, sizelimit, block_size, direct_io, where)
     if node_dir is not None and not os.path.isdir(node_dir):
+        exists = os.path.lexists(node_dir)
         raise DeviceNodeError(
-            errno.ENOENT, "node directory does not exist", device=os.fspath(node_dir)
+            errno.ENOTDIR if exists else errno.ENOENT,
+            "node directory is not a directory" if exists else "node directory does not exist",
+            device=os.fspath(node_dir),
         )
     fd, path, opened = _open_backing(backing, read_only)
     try:
@@ -567,7 +580,10 @@ def attach(
 
 def open_device(name_or_minor: str | int, *, owned: bool = False) -> LoopDevice:
     """Wrap an existing device (``3``, ``"loop3"`` or ``"/dev/loop3"``); not detached on exit
-    unless ``owned``."""
+    unless ``owned``. A node elsewhere (``"nodes/loop3"``) is opened as it is, and must
+    be that device."""
+    if isinstance(name_or_minor, bool):
+        raise LoopError(errno.EINVAL, f"not a loop device name or number: {name_or_minor!r}")
     if isinstance(name_or_minor, int):
         minor = name_or_minor
         if minor < 0:
@@ -577,6 +593,11 @@ def open_device(name_or_minor: str | int, *, owned: bool = False) -> LoopDevice:
         if not (base.startswith("loop") and base[4:].isdigit()):
             raise LoopError(errno.EINVAL, "not a loop device name", device=str(name_or_minor))
         minor = int(base[4:])
+        where = os.path.dirname(name_or_minor)
+        if where and os.path.realpath(where) != _engine.DEV:
+            dev = LoopDevice(minor, _open_node(name_or_minor, minor), owned=owned)
+            dev.path = name_or_minor
+            return dev
     try:
         fd = _engine.open_device(minor, private_nodes=True)
     except FileNotFoundError:
@@ -584,3 +605,23 @@ def open_device(name_or_minor: str | int, *, owned: bool = False) -> LoopDevice:
             errno.ENOENT, "no such loop device", device=_engine.device_path(minor)
         ) from None
     return LoopDevice(minor, fd, owned=owned)
+
+
+def _open_node(path: str, minor: int) -> int:
+    """``path`` opened read-write, checked to be ``loop{minor}``."""
+    try:
+        first = os.stat(path)
+        if not stat.S_ISBLK(first.st_mode):  # a FIFO would block the open
+            raise UnexpectedDevice(minor, first.st_rdev, first.st_mode)
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise DeviceNodeError(errno.ENOENT, "no such device node", device=path) from None
+    try:
+        st = os.fstat(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    if stat.S_ISBLK(st.st_mode) and st.st_rdev == os.makedev(*sysfs.loop_devt(minor)):
+        return fd
+    os.close(fd)
+    raise UnexpectedDevice(minor, st.st_rdev, st.st_mode)
