@@ -31,9 +31,10 @@ nitpick_ignore_regex = [
     ("py:class", r"(os|types|typing|collections\.abc|socket|argparse)\..*"),
     ("py:class", r"(int|str|bytes|bool|float|object|None|Literal|TracebackType|PathLike)"),
     ("py:class", r"(OSError|Exception|BaseException|FileNotFoundError|PermissionError)"),
-    ("py:class", r"(Backing|DirectIO|JsonValue|Callable|Self)"),
+    # Names that exist for the type checker only (TYPE_CHECKING).
+    ("py:class", r"(Backing|DirectIO|JsonValue|Callable|Self|AttachOptions|Lease|Unpack)"),
     # compat.LoopInfo is the binding's class, documented under its compat name.
     ("py:class", r"loopdev\._native\.LoopInfo"),
-    ("py:mod", r"loopdev\._native"),
+    ("py:mod", r"loopdev\._(native|engine)"),
     ("py:exc", r"(OSError|TimeoutError|RuntimeError|ValueError|FileNotFoundError)"),
 ]
