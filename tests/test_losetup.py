@@ -97,6 +97,17 @@ def forms(output: str) -> dict[str, str]:
     return found
 
 
+def reference(workdir: str) -> dict[str, str]:
+    """util-linux's answers; run again where one of its attaches lost a race with
+    another allocator on this shared machine (EBUSY/EAGAIN, which it does not
+    retry in every case), up to three times."""
+    for _ in range(3):
+        found = forms(run_forms(workdir, None))
+        if all(found[n].endswith("rc=0\n") for n in found if n.startswith("attach-")):
+            break
+    return found
+
+
 def compare(expected: dict[str, str], got: dict[str, str]) -> list[str]:
     return [
         f"{name}:\n--- util-linux\n{expected[name]}--- drop-in\n{got.get(name)}"
@@ -110,7 +121,7 @@ def test_forms_like_util_linux(tmp_path: Path, devices: None) -> None:
     work.mkdir()
     images(work)
     bindir = drop_in(tmp_path / "bin")
-    expected = forms(run_forms(str(work), None))
+    expected = reference(str(work))
     got = forms(run_forms(str(work), str(bindir)))
     assert len(expected) > 40, expected
     assert got.keys() == expected.keys()
@@ -204,7 +215,7 @@ def test_forms_in_container(tmp_path: Path, devices: None) -> None:
     work.mkdir()
     made = images(work)
     bindir = str(drop_in(tmp_path / "bin"))
-    on_host = forms(run_forms(str(work), None))
+    on_host = reference(str(work))
     theirs = forms(nsrun.run(body_forms, str(work), None, images=made))
     ours = forms(nsrun.run(body_forms, str(work), bindir, images=made))
     assert theirs["attach-show"].endswith("rc=1\n"), theirs["attach-show"]
