@@ -47,6 +47,8 @@ echo "rc=0"
 attach C attach-dio-sector -f --show --direct-io=on -b 4096 c.img
 form attach-quiet losetup -f --direct-io=off d.img
 D=$(losetup -j d.img | cut -d: -f1)
+form nooverlap-reuse losetup -f --show -L -r -o 1M --sizelimit 2M "b c.img"
+form nooverlap-conflict losetup -f --show -L -o 512K "b c.img"
 form associated losetup -j a.img
 form associated-offset losetup -j "b c.img" -o 1048576
 form associated-other-offset losetup -j "b c.img" -o 0
@@ -56,6 +58,7 @@ form show-one losetup "$B"
 form list-associated losetup -l -j "b c.img"
 form list-device losetup -l "$C"
 form list-all ours losetup -l
+form list-default ours losetup
 form list-noheadings losetup -l -n -j "b c.img"
 form list-raw losetup -l --raw -j "b c.img"
 form list-raw-all ours losetup --raw -l
