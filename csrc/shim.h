@@ -71,6 +71,8 @@ int ld_attach(const struct ld_attach_req *req, struct ld_attach_res *res);
 int ld_blkpg(int dev_fd, int op, int pno, long long start, long long length);
 /* bound: 1 known bound, -1 unknown (asked only where the link count leaves a doubt). */
 int ld_del_partitions(int dev_fd, int index, int bound);
+/* The device's dirty pages into the backing file, waited for (errors as fsync). */
+int ld_write_back(int fd);
 void ld_force_fallback(int on);
 /* Process-wide set-up: the cached handle on sysfs's block directory. */
 void ld_init(void);

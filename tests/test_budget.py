@@ -187,8 +187,8 @@ COMPAT_CYCLE_BUDGET = 10
 # attach(fd, direct_io=False).detach(timeout=0): 18, was 22. The compat cycle's
 # but the readlink (the path comes from Python), plus the backing fd's checks
 # (readlink, fstat, F_GETFL), loop-control and /dev opened and closed,
-# BLKGETDISKSEQ (identity), and the write-back fsync (data written through the
-# device reaches the backing file, or WriteBackError).
+# BLKGETDISKSEQ (identity), and the write-back (sync_file_range: data written
+# through the device reaches the backing file, or WriteBackError).
 ATTACH_DETACH_BUDGET = 18
 
 

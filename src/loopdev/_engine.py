@@ -287,6 +287,8 @@ def attach(
             raise
         control.use_scratch(node_dir)
         got = run()
+    if not config.flags & _native.LO_FLAGS_PARTSCAN and nodes.dev_is_devtmpfs():
+        return got.minor, got.fd  # no partitions to register, the kernel made the node
     try:
         register_partitions(got.fd, got.minor, config)
         publish_nodes(got.minor, config, node_mode)
@@ -385,18 +387,20 @@ _FULL = 2 << 20
 
 
 def write_back(dev_fd: int, index: int, fate: str) -> None:
-    """``fsync`` the device, so that what was written through it is in the backing file.
+    """Write back the device, so that what was written through it is in the backing file.
 
     ``WriteBackError`` when that failed (the data is lost; ``fate`` says what
     became of the device). ``BLKFLSBUF`` and the kernel's flush at the last
-    close drop write-back errors; ``fsync`` reports each one once, also one
-    that happened before this fd was opened. The block layer turns every
+    close drop write-back errors; the wait (``sync_file_range``, which reports
+    them as ``fsync`` does, without ``fsync``'s flush of the backing file:
+    ``ld_write_back`` in csrc/loopdev.c) reports each one once, also one that
+    happened before this fd was opened. The block layer turns every
     failed write into EIO (the loop driver's ENOSPC shows only in the kernel
     log as "critical space allocation error"), so a full file system under
     the backing file is recognised from its free space.
     """
     try:
-        os.fsync(dev_fd)
+        _native.write_back(dev_fd)  # an fsync without the backing file's (issue 17)
         return
     except OSError as exc:
         err = exc.errno or errno.EIO

@@ -327,6 +327,14 @@ def delete_partitions(dev_fd: int, index: int, *, bound: bool = False) -> int:
     )
 
 
+def write_back(dev_fd: int) -> None:
+    """Write what was written through the device into the backing file and wait;
+    ``OSError`` with the write-back's errno (as ``fsync`` reports it)."""
+    err = lib.ld_write_back(dev_fd)
+    if err < 0:
+        raise OSError(-err, os.strerror(-err))
+
+
 def clear_fd_quietly(dev_fd: int) -> None:
     """``LOOP_CLR_FD`` for error paths: the failure being handled matters more."""
     lib.ld_ioctl(dev_fd, LOOP_CLR_FD, 0)
@@ -474,6 +482,11 @@ def bind(dev_fd: int, index: int, backing_fd: int, config: Config, *, device: st
         raise _fail(err, what, device, config.file_name or fd_path(backing_fd), stage[0])
 
 
+# Parsed once: ffi.new() of a C type name looks the name up on every call.
+_ATTACH_REQ = ffi.typeof("struct ld_attach_req *")
+_ATTACH_RES = ffi.typeof("struct ld_attach_res *")
+
+
 class Attached:
     """The outcome of :func:`attach`: the device fd and how many extra rounds it took."""
 
@@ -555,8 +568,8 @@ def attach(
     signal that arrives while the loop waits runs its Python handler; if that
     raises (``KeyboardInterrupt``), nothing is bound.
     """
-    req = ffi.new("struct ld_attach_req *")
-    res = ffi.new("struct ld_attach_res *")
+    req = ffi.new(_ATTACH_REQ)
+    res = ffi.new(_ATTACH_RES)
     req.ctl_fd = ctl_fd
     req.dev_dirfd = dev_dirfd
     req.private_nodes = private_nodes

@@ -95,7 +95,7 @@ class Loop:
         """``BLKFLSBUF``: write back and drop the device's buffers before clearing.
 
         ``WriteBackError`` (the device stays bound) when the write-back failed:
-        BLKFLSBUF itself never says so, an ``fsync`` first does.
+        BLKFLSBUF itself never says so, a write-back first does.
         """
         _engine.write_back(self.fd, self.minor, "the device is still bound")
         _native.ioctl(self.fd, _native.BLKFLSBUF, device=self._path)
