@@ -21,15 +21,18 @@ import os
 import re
 import stat
 import sys
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, TypeVar
 
 from loopdev.errors import LoopError
 
+TYPE_CHECKING = False  # not typing's: see loopdev/__init__.py
 if TYPE_CHECKING:
     import subprocess
+    from collections.abc import Callable, Sequence
+    from typing import TypeVar
 
     from loopdev.device import DeviceInfo, DirectIO, LoopDevice
+
+    _T = TypeVar("_T")
 
 __all__ = ["main", "parse_size"]
 
@@ -58,7 +61,6 @@ _COLUMNS = (
 )
 
 JsonValue = str | int | bool
-_T = TypeVar("_T")
 _SYSFS_TRIES = 5
 
 
