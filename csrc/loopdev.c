@@ -131,8 +131,8 @@ int ld_get_status(int fd, struct loop_info64 *info)
     return ioctl(fd, LOOP_GET_STATUS64, info) < 0 ? neg_errno() : 0;
 }
 
-/* Since 5.0 (commit 2b9ac22b12a2, "loop: Fix deadlock when calling
- * blkdev_reread_part()") SET_STATUS64 and SET_BLOCK_SIZE answer EAGAIN while
+/* Since 5.0 (commit 5db470e229e2, "loop: drop caches if offset or block_size
+ * are changed") SET_STATUS64 and SET_BLOCK_SIZE answer EAGAIN while
  * the page cache of the device cannot be dropped, typically because udev or
  * another reader has it open for a moment: retry, bounded, with short
  * growing sleeps (libblockdev PR #590, rauc PR #928). */
@@ -830,11 +830,14 @@ static int open_device(const struct ld_attach_req *req, struct ld_attach_res *re
 
 /* The hook runs Python code of the caller's (it may allocate devices
  * itself). It owns the fd from now on. */
+/* The hook runs with the caller's signal mask (Ctrl-C may end it); the next
+ * nap blocks signals again. */
 static int run_hook(const struct ld_attach_req *req, struct ld_attach_res *res,
-                    struct attempt *a)
+                    struct attach_state *s, struct attempt *a)
 {
     if (!req->on_open)
         return 0;
+    unblock(&s->sig);
     if (req->on_open(req->ctx, a->index, a->fd) != 0) {
         a->fd = -1; /* the hook has closed it */
         return fail(res, LD_STAGE_HOOK, -ECANCELED);
@@ -894,7 +897,7 @@ static int attempt_once(const struct ld_attach_req *req, struct ld_attach_res *r
     if (r == 0)
         r = open_device(req, res, &a);
     if (r == 0)
-        r = run_hook(req, res, &a);
+        r = run_hook(req, res, s, &a);
     if (r == 0)
         r = lock_device(req, res, s, &a);
     if (r == 0)
@@ -1025,8 +1028,8 @@ int ld_sysfs_info(const char *name, struct ld_sysfs_info *out)
     if (sysfs < 0)
         return -ENOENT;
     dirfd = openat(sysfs, name, O_PATH | O_DIRECTORY | O_CLOEXEC);
-    if (dirfd < 0)
-        return errno == ENOENT ? -ENXIO : neg_errno();
+    if (dirfd < 0) /* a device removed under us: ENODEV on 6.x, as for read below */
+        return errno == ENOENT || errno == ENODEV ? -ENXIO : neg_errno();
     r = read_attr(dirfd, "loop/backing_file", out->backing, sizeof(out->backing));
     out->backing_len = r;
     if (r >= 0)

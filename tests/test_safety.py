@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -432,3 +434,101 @@ def test_open_honours_the_directory(tmp_path: Path, image_plain: Path) -> None:
         with pytest.raises(DeviceNodeError) as missing:
             loopdev.open(str(tmp_path / "nowhere" / "loop0"))
         assert missing.value.errno == errno.ENOENT
+
+
+# --- item 7: from a read of the shim ------------------------------------------------------
+
+FAULTS_C = Path(__file__).resolve().parent / "faultinject" / "faults.c"
+
+
+@pytest.fixture(scope="module")
+def faults_so(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/faultinject/faults.c built (the LD_PRELOAD fault library of test_faults)."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler to build the fault-injection library")
+    out = tmp_path_factory.mktemp("faults") / "faults.so"
+    subprocess.run(
+        [cc, "-shared", "-fPIC", "-O2", "-o", str(out), str(FAULTS_C), "-ldl"],
+        check=True,
+        capture_output=True,
+    )
+    return out
+
+
+def under_faults(so: Path, rules: str, code: str, *args: str) -> str:
+    env = dict(os.environ, LD_PRELOAD=str(so), LOOPDEV_FAULTS=rules)
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_compat_set_block_size_retries_eagain(faults_so: Path, image_plain: Path) -> None:
+    from loopdev import _native
+
+    code = """
+import os, sys
+from loopdev import LoopControl, _native
+ctl = LoopControl()
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CLOEXEC)
+lo = ctl.loop_for_fd(fd, autoclear=True)
+os.close(fd)
+ctl.close()
+try:
+    lo.set_block_size(4096)
+    print(_native.logical_block_size(lo.fd))
+finally:
+    lo.close()
+"""
+    rules = f"ioctl:{_native.LOOP_SET_BLOCK_SIZE:#x}:EAGAIN:3"
+    assert under_faults(faults_so, rules, code, str(image_plain)).strip() == "4096"
+    assert wait_unbound(image_plain.parent) == []
+
+
+def test_device_removed_at_the_sysfs_open_is_unbound(faults_so: Path) -> None:
+    """ENODEV at the open of /sys/block/loopN (removed meanwhile): not bound, no error."""
+    code = """
+import loopdev
+print(len(loopdev.devices()))
+"""
+    assert under_faults(faults_so, "open:loop[0-9]*:ENODEV:1", code).strip().isdigit()
+
+
+def test_setup_hook_after_a_backoff_nap_can_be_interrupted(
+    faults_so: Path, image_plain: Path
+) -> None:
+    """LOOP_CONFIGURE answers EBUSY three times, so the loop naps before its fourth
+    attempt (signals blocked while it does; the first three retry at once) and opens
+    a device again: the setup hook then runs with the caller's signal
+    mask, so Ctrl-C ends the hook itself, not only the whole attach afterwards."""
+    from loopdev import _native
+
+    code = """
+import json, os, signal, sys, time
+from loopdev import LoopControl
+calls = []
+def setup(lo):
+    calls.append("start")
+    if len(calls) == 4:  # the attempt after the first nap
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.5)
+        calls.append("finished")
+ctl = LoopControl()
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CLOEXEC)
+try:
+    lo = ctl.loop_for_fd(fd, autoclear=True, setup=setup)
+    lo.close()
+    outcome = "attached"
+except KeyboardInterrupt:
+    outcome = "interrupted"
+print(json.dumps({"outcome": outcome, "calls": calls}))
+"""
+    rules = f"ioctl:{_native.LOOP_CONFIGURE:#x}:EBUSY:3;ioctl:{_native.LOOP_SET_FD:#x}:EBUSY:3"
+    import json
+
+    got = json.loads(under_faults(faults_so, rules, code, str(image_plain)).splitlines()[-1])
+    assert got["outcome"] == "interrupted"
+    assert got["calls"] == ["start"] * 4, got  # the fourth hook did not finish
+    assert wait_unbound(image_plain.parent) == []

@@ -61,7 +61,6 @@ _COLUMNS = (
 )
 
 JsonValue = str | int | bool
-_SYSFS_TRIES = 5
 
 
 def parse_size(text: str) -> int:
@@ -157,21 +156,10 @@ def format_table(infos: Sequence[DeviceInfo]) -> str:
 
 
 def _sysfs_retry(call: Callable[[], _T]) -> _T:
-    """``call()``, again when a device vanished under it.
-
-    Workaround: ``devices()`` and ``find()`` read sysfs attributes of devices
-    that other processes may be detaching; on Linux 6.x such a read fails with
-    ENODEV instead of finding the file gone, and the library only treats the
-    latter as "not bound". The window is microseconds wide: a retry passes it.
-    """
-    for attempt in range(_SYSFS_TRIES):
-        try:
-            return call()
-        except OSError as exc:
-            in_sysfs = exc.filename is None or str(exc.filename).startswith("/sys/")
-            if exc.errno != errno.ENODEV or not in_sysfs or attempt == _SYSFS_TRIES - 1:
-                raise
-    raise AssertionError("unreachable")
+    """``call()``. Once a retry for ENODEV from devices being removed under a sysfs
+    read; the library treats that as "not bound" now (``ld_sysfs_info``,
+    ``sysfs.is_gone``). Kept for the callers in ``losetup.py``."""
+    return call()
 
 
 def _out(text: str) -> None:
@@ -225,7 +213,7 @@ def _overlapping(path: str, offset: int, sizelimit: int, read_only: bool) -> Dev
     from loopdev.device import find
     from loopdev.errors import DeviceBusy
 
-    for info in _sysfs_retry(lambda: find(path)):
+    for info in find(path):
         if info.offset == offset and info.sizelimit == sizelimit:
             if info.read_only and not read_only:
                 raise DeviceBusy(
@@ -463,7 +451,7 @@ def _detach_device(name: str, backing: str | None, wait: float) -> None:
         # which the device was released and rebound to another file.
         if backing is not None:
             file = backing
-            if name not in {i.name for i in _sysfs_retry(lambda: find(file))}:
+            if name not in {i.name for i in find(file)}:
                 return
         try:
             # lazy: a partition in use (a prober, a reader) defers the release to
@@ -488,7 +476,7 @@ def _detach_targets(arg: str) -> list[tuple[str, str | None]]:
         return [(name, None)]  # "loop3" or a missing /dev/loop3: open_device says why
     if stat.S_ISREG(mode) or (stat.S_ISBLK(mode) and name is None):
         # A backing file, or a block device used as one.
-        return [(info.name, arg) for info in _sysfs_retry(lambda: find(arg))]
+        return [(info.name, arg) for info in find(arg)]
     if stat.S_ISBLK(mode) and name is not None:
         return [(name, None)]
     raise LoopError(errno.EINVAL, "neither a loop device nor a backing file", backing=arg)
@@ -502,7 +490,7 @@ def cmd_detach(args: argparse.Namespace) -> int:
     targets: list[tuple[str, str | None]] = []
     failed = False
     if args.all:
-        targets = [(info.name, None) for info in _sysfs_retry(devices)]
+        targets = [(info.name, None) for info in devices()]
     for arg in args.targets:
         try:
             targets.extend(_detach_targets(arg))
@@ -524,7 +512,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     """Show bound devices as losetup -l (or -J -l) does."""
     from loopdev.device import devices
 
-    infos = _sysfs_retry(devices)
+    infos = devices()
     if args.broker is not None:
         from loopdev.broker_client import list_devices
 
@@ -547,7 +535,7 @@ def cmd_find(args: argparse.Namespace) -> int:
     """Print the devices backed by FILE (optionally at an offset), one path a line."""
     from loopdev.device import find
 
-    for info in _sysfs_retry(lambda: find(args.file, args.offset)):
+    for info in find(args.file, args.offset):
         _out(info.path)
     return 0
 

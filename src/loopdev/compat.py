@@ -219,7 +219,22 @@ class Loop:
         _native.ioctl(self.fd, self.LOOP_SET_CAPACITY, device=self._path)
 
     def set_block_size(self, size: int) -> None:
-        """``LOOP_SET_BLOCK_SIZE``."""
+        """``LOOP_SET_BLOCK_SIZE``, retrying the kernel's transient ``EAGAIN``.
+
+        Since 5.0 (commit 5db470e229e2) it answers EAGAIN while the device's
+        page cache cannot be dropped (a reader, udev): bounded, as the C side
+        retries it for attach (``ioctl_retry_eagain`` in csrc/loopdev.c).
+        """
+        delay = 0.0002
+        for _ in range(63):
+            try:
+                _native.ioctl(self.fd, self.LOOP_SET_BLOCK_SIZE, size, device=self._path)
+                return
+            except OSError as exc:
+                if exc.errno != errno.EAGAIN:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.02)
         _native.ioctl(self.fd, self.LOOP_SET_BLOCK_SIZE, size, device=self._path)
 
     def mknod(self, dir_fd: int, mode: int = 0o600) -> None:
