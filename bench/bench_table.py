@@ -2,7 +2,7 @@
 
 Run as root: ``python bench/bench_table.py [--rounds N] [--cycles N] [--dir D]``.
 Needs loopdev installed, ``gcc``, ``losetup``, ``sfdisk``, ``strace`` and
-``valgrind``; takes two to three minutes. Timed figures are medians of
+``valgrind``; takes about five minutes. Timed figures are medians of
 interleaved blocks (raw C, then loopdev, round after round, so that the load of
 the moment weighs on both); the system-call counts (strace) and user-space
 instruction counts (callgrind, difference of two cycle counts so that start-up
