@@ -234,3 +234,56 @@ def test_loopdev_version() -> None:
     )
     assert out.returncode == 0
     assert out.stdout == f"loopdev {loopdev.__version__}\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "action", "devices", "file"),
+    [
+        ([], "show", [], None),
+        (["-f"], "find-free", [], None),
+        (["-f", "--show", "-P", "x.img"], "create", [], "x.img"),
+        (["/dev/loop7", "x.img"], "create", ["/dev/loop7"], "x.img"),
+        (["-l", "/dev/loop7", "x.img"], "create", ["/dev/loop7"], "x.img"),
+        (["/dev/loop7"], "show-one", ["/dev/loop7"], None),
+        (["-d", "/dev/loop1", "/dev/loop2"], "delete", ["/dev/loop1", "/dev/loop2"], None),
+        (["-D"], "delete-all", [], None),
+        (["-a"], "show", [], None),
+        (["-j", "x.img", "-o", "1M"], "show", [], "x.img"),
+        (["-l", "-J", "--output-all"], "show", [], None),
+        (["-c", "loop3"], "capacity", ["loop3"], None),
+        (["--direct-io", "-f", "x.img"], "create", [], "x.img"),
+    ],
+)
+def test_forms_parse_as_util_linux(
+    argv: list[str], action: str, devices: list[str], file: str | None
+) -> None:
+    """What each form means, as util-linux 2.38's main() decides it (no devices needed)."""
+    from loopdev import losetup
+
+    o = losetup.parse(argv)
+    assert (o.action, o.devices, o.file) == (action, devices, file)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["-D", "-a"],
+        ["-J", "--raw", "-l"],
+        ["-O", "NAME", "--output-all"],
+        ["-o", "1M", "-a"],
+        ["-r", "-l"],
+        ["-f", "a.img", "b.img"],
+        ["-O", "NAME,BOGUS"],
+        ["--direct-io=maybe", "-f", "a.img"],
+        ["-o", "-5", "-f", "a.img"],
+        ["--bogus"],
+        ["-d"],
+    ],
+)
+def test_usage_errors_exit_1(argv: list[str]) -> None:
+    """Usage errors: one message on stderr and status 1 (util-linux's, not argparse's 2)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "loopdev", "losetup", *argv], capture_output=True, text=True
+    )
+    assert (out.returncode, out.stdout) == (1, "")
+    assert out.stderr.startswith("loopdev losetup: "), out.stderr
