@@ -1,0 +1,248 @@
+"""Behaviours no other test pinned down, found by putting small bugs in by hand (issue 19).
+
+- an attach that had to wait for the loop-control lock gives the calling
+  thread its signal mask back exactly as it was;
+- a signal whose handler returns, arriving (twice) during that wait, runs
+  the handler and the attach still succeeds;
+- the C private-node path makes the node with the caller's ``part_shift``;
+- detach leaves a node in ``node_dir`` that someone replaced since (another
+  device's node, a file) where it is;
+- ``--nooverlap`` takes a range that only touches a device's range (either
+  side) as free, not as overlapping.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import bound_under, gpt_image, make_image, poll
+from helpers import run_cli as run
+
+import loopdev
+from loopdev import _native
+
+MiB = 1 << 20
+
+
+# --- the wait for the loop-control lock ------------------------------------------------
+
+
+def _attach_while_locked(
+    image: Path, body: str, during: Callable[[subprocess.Popen[str]], None]
+) -> dict[str, Any]:
+    """Run a child that attaches ``image`` while this process holds the loop-control
+    lock; ``during(child)`` runs here before the lock is let go.
+    ``body`` gets ``attach()`` (returning the device) and prints its JSON with ``out``."""
+    child = textwrap.dedent(
+        """
+        import json, os, signal, sys, time
+        import loopdev
+        def out(**kw):
+            print(json.dumps(kw), flush=True)
+        def attach():
+            print("ready", flush=True)
+            return loopdev.attach(sys.argv[1])
+        """
+    ) + textwrap.dedent(body)
+    holder = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
+    proc = None
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", child, str(image)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready", proc.communicate()
+        during(proc)
+        fcntl.flock(holder, fcntl.LOCK_UN)
+        stdout, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 0, stderr
+        return dict(json.loads(stdout))
+    finally:
+        os.close(holder)
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_signal_mask_is_restored_after_waiting_for_the_lock(tmp_path: Path, devices: None) -> None:
+    """The wait blocks signals between naps; afterwards the thread's mask is the one it
+    had (SIGUSR2 blocked by the caller stays blocked, nothing else is)."""
+    image = make_image(tmp_path / "mask.img")
+    got = _attach_while_locked(
+        image,
+        """
+        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR2])
+        before = sorted(signal.pthread_sigmask(signal.SIG_BLOCK, []))
+        started = time.monotonic()
+        dev = attach()
+        waited = time.monotonic() - started
+        after = sorted(signal.pthread_sigmask(signal.SIG_BLOCK, []))
+        dev.detach()
+        out(before=before, after=after, waited=waited)
+        """,
+        lambda proc: time.sleep(0.3),
+    )
+    assert got["before"] == [int(signal.SIGUSR2)]
+    assert got["after"] == got["before"]
+    assert got["waited"] > 0.1  # it did wait
+
+
+def _two_signals(proc: subprocess.Popen[str]) -> None:
+    for _ in range(2):
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGUSR1)
+    time.sleep(0.2)
+
+
+def test_signal_whose_handler_returns_does_not_end_the_attach(
+    tmp_path: Path, devices: None
+) -> None:
+    """SIGUSR1 twice during the wait: the handler runs each time, the attach goes on
+    waiting and then succeeds (the call is retried after EINTR, every time)."""
+    image = make_image(tmp_path / "usr1.img")
+    got = _attach_while_locked(
+        image,
+        """
+        seen = []
+        signal.signal(signal.SIGUSR1, lambda signum, frame: seen.append(signum))
+        dev = attach()
+        name = dev.name
+        bound = open(f"/sys/block/{name}/loop/backing_file").read().strip()
+        dev.detach()
+        out(seen=len(seen), bound=bound)
+        """,
+        _two_signals,
+    )
+    assert got == {"seen": 2, "bound": str(image)}
+    assert bound_under(tmp_path) == []
+
+
+# --- the C private-node path ------------------------------------------------------------
+
+
+def test_private_node_has_the_part_shift_given(tmp_path: Path, devices: None) -> None:
+    """``ld_open_private`` makes ``7:(index << part_shift)``: with max_part=0 on this
+    machine the attach path never passes a non-zero shift, so call it directly.
+    Devices that exist are opened (unbound ones open fine), so no minor is added."""
+    present = {n for n in os.listdir("/sys/block") if n.startswith("loop")}
+    dir_fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    tried = []
+    try:
+        for shift in (1, 2, 3, 4):
+            for index in (1, 2, 3):
+                if f"loop{index}" not in present or f"loop{index << shift}" not in present:
+                    continue
+                tried.append((index, shift))
+                try:
+                    fd = _native.open_private(dir_fd, index, shift)
+                except OSError:
+                    continue  # in rundown or removed meanwhile: another one
+                try:
+                    st = os.fstat(fd)
+                finally:
+                    os.close(fd)
+                assert stat.S_ISBLK(st.st_mode)
+                assert st.st_rdev == os.makedev(7, index << shift), (index, shift)
+                assert os.listdir(tmp_path) == []  # node and its directory are gone
+                return
+    finally:
+        os.close(dir_fd)
+    pytest.skip(f"no loop device pair index/index<<shift to open here (tried {tried})")
+
+
+# --- nodes someone replaced -------------------------------------------------------------
+
+
+def test_detach_leaves_replaced_nodes_alone(tmp_path: Path, devices: None) -> None:
+    """Nodes made in ``node_dir``, then replaced by another device's node, a node of
+    another loop minor and a regular file: detach removes none of the replacements."""
+    image = gpt_image(tmp_path / "parts.img")
+    node_dir = tmp_path / "nodes"
+    node_dir.mkdir()
+    dev = loopdev.attach(image, partscan=True, node_dir=node_dir)
+    try:
+        names = sorted(dev.nodes)
+        assert names == [dev.name, f"{dev.name}p1", f"{dev.name}p2"]
+        whole, p1, p2 = (node_dir / n for n in names)
+        for path in (whole, p1, p2):
+            path.unlink()
+        os.mknod(whole, stat.S_IFCHR | 0o600, os.makedev(1, 3))  # /dev/null's numbers
+        other = os.makedev(7, (1 << 20) - 2)  # a loop minor nobody has
+        os.mknod(p1, stat.S_IFBLK | 0o600, other)
+        p2.write_bytes(b"not a node")
+    finally:
+        dev.detach()
+    assert stat.S_ISCHR(os.stat(whole).st_mode) and os.stat(whole).st_rdev == os.makedev(1, 3)
+    assert stat.S_ISBLK(os.stat(p1).st_mode) and os.stat(p1).st_rdev == other
+    assert p2.read_bytes() == b"not a node"
+
+
+def test_detach_removes_the_nodes_it_made(tmp_path: Path, devices: None) -> None:
+    """The counterpart: nodes still as made are removed (the check above is not a no-op)."""
+    image = gpt_image(tmp_path / "parts.img")
+    node_dir = tmp_path / "nodes"
+    node_dir.mkdir()
+    dev = loopdev.attach(image, partscan=True, node_dir=node_dir)
+    assert len(os.listdir(node_dir)) == 3
+    dev.detach()
+    assert os.listdir(node_dir) == []
+
+
+# --- --nooverlap at the edges of a range -------------------------------------------------
+
+
+@pytest.fixture
+def mine(tmp_path: Path, devices: None) -> Iterator[Path]:
+    """``tmp_path``; every device bound below it is detached afterwards, pass or fail."""
+    yield tmp_path
+    from loopdev.device import open_device
+
+    for name in bound_under(tmp_path):
+        try:
+            open_device(name, owned=True).detach()
+        except OSError:
+            pass
+    poll(lambda: not bound_under(tmp_path), 10)
+
+
+def _attach(*args: str) -> str:
+    res = run("attach", "--show", *args)
+    assert res.returncode == 0, (args, res.stderr)
+    return res.stdout.strip()
+
+
+def test_nooverlap_range_starting_where_a_device_ends(mine: Path) -> None:
+    """A device covers exactly [0, 4096); ``-o 4096`` touches it but does not overlap."""
+    img = make_image(mine / "after.img", 1 * MiB)
+    first = _attach("--sizelimit", "4096", str(img))
+    second = _attach("--nooverlap", "-o", "4096", str(img))
+    assert second != first
+    assert sorted(bound_under(mine)) == sorted(os.path.basename(d) for d in (first, second))
+
+
+def test_nooverlap_range_ending_where_a_device_starts(mine: Path) -> None:
+    """A device covers [8192, end); ``--sizelimit 8192`` from 0 ends where it starts."""
+    img = make_image(mine / "before.img", 1 * MiB)
+    first = _attach("-o", "8192", str(img))
+    second = _attach("--nooverlap", "--sizelimit", "8192", str(img))
+    assert second != first
+    assert len(bound_under(mine)) == 2
+    # One byte more on either side overlaps: refused.
+    res = run("attach", "--nooverlap", "--show", "--sizelimit", "8704", str(img))
+    assert res.returncode == 1 and "overlapping" in res.stderr
