@@ -141,13 +141,29 @@ def handover_dirs() -> set[str]:
     return set(glob.glob("/dev/.loopdev-broker.*"))
 
 
+def handover_dirs_of(pid: int) -> set[str]:
+    """The hand-over directories process ``pid`` (a broker) holds open.
+
+    Only its own: other brokers on this machine (other tests, other runs)
+    come and go with their directories meanwhile.
+    """
+    found = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue  # closed meanwhile
+        if os.path.basename(target).startswith(".loopdev-broker."):
+            found.add(target)
+    return found
+
+
 class Server:
     """A running ``loopdev serve``; ``stop()`` sends SIGTERM and checks it went cleanly."""
 
     def __init__(self, directory: Path, *args: str, name: str = "broker") -> None:
         self.socket = str(directory / f"{name}.sock")
         self.log = directory / f"{name}.log"
-        self._dirs_before = handover_dirs()
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "loopdev", "serve", "--socket", self.socket, *args],
@@ -159,6 +175,7 @@ class Server:
             self.proc.kill()
             self.proc.wait()
             raise AssertionError(f"broker did not start: {self.log.read_text()}")
+        self._handover = handover_dirs_of(self.proc.pid)
 
     def _ready(self) -> bool:
         """The server answers a call (so its accept loop runs)."""
@@ -202,7 +219,8 @@ class Server:
         text = self.log_text()
         assert self.proc.returncode == 0, text
         assert "Traceback" not in text and "internal error" not in text, text
-        assert handover_dirs() <= self._dirs_before, "hand-over directory left in /dev"
+        left = [d for d in self._handover if os.path.lexists(d)]
+        assert not left, f"hand-over directory left: {left}"
         assert not os.path.exists(self.socket), "socket left behind"
 
 

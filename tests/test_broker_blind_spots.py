@@ -1,0 +1,186 @@
+"""The broker at the edges no other test reached (issue 19), as a client sees it.
+
+- a read-only grant with partscan hands the partitions over read-only too:
+  their descriptors are O_RDONLY and no write reaches the image through them
+  or through their paths;
+- the descriptor limit per message is exact: 8 pass (and the 8th is the one
+  an Attach can name), 9 are refused;
+- Detach waits at most its cap (10 s) however long the client asks for, on a
+  device another process holds.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from brokerlib import (
+    GPT_PARTS,
+    MiB,
+    Server,
+    as_user,
+    bound_under,
+    call,
+    gpt_image,
+    make_image,
+    poll,
+    raw_connect,
+    raw_send,
+    require_unprivileged,
+    shared_dir,
+)
+
+from loopdev import _varlink, broker
+
+
+@pytest.fixture
+def space(devices: None) -> Iterator[Path]:
+    """A directory other users can reach; afterwards nothing may be bound below it."""
+    require_unprivileged()
+    with shared_dir() as path:
+        yield path
+        poll(lambda: not bound_under(path), 3)
+        assert not bound_under(path), f"devices left bound: {bound_under(path)}"
+
+
+@pytest.fixture
+def server(space: Path) -> Iterator[Server]:
+    srv = Server(space, "--allow-user", "nobody")
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def test_read_only_grant_hands_partitions_over_read_only(space: Path, server: Server) -> None:
+    image = gpt_image(space / "ro-parts.img")
+    got = as_user(
+        """
+import fcntl
+fd = os.open(sys.argv[1], os.O_RDONLY)
+dev = loopdev.attach(fd, partscan=True)  # read-only: the descriptor decides
+res = []
+for handed in [dev] + dev.partitions:
+    r = dict(name=handed.name, access=fcntl.fcntl(handed.fd, fcntl.F_GETFL) & os.O_ACCMODE)
+    try:
+        os.pwrite(handed.fd, b"W" * 512, 0)
+        r["write_fd"] = "written"
+    except OSError as exc:
+        r["write_fd"] = exc.errno
+    try:
+        again = os.open(handed.path, os.O_RDWR)
+    except OSError as exc:
+        r["write_path"] = exc.errno
+    else:
+        try:
+            os.pwrite(again, b"W" * 512, 0)
+            os.fsync(again)
+            r["write_path"] = "written"
+        except OSError as exc:
+            r["write_path"] = exc.errno
+        os.close(again)
+    res.append(r)
+out(handed=res, read_only=dev.info().read_only)
+dev.detach()
+os.close(fd)
+""",
+        str(image),
+        broker=server.socket,
+    )
+    (info,) = got
+    assert info["read_only"] is True
+    handed = info["handed"]
+    assert len(handed) == 1 + len(GPT_PARTS), handed
+    refused = (errno.EBADF, errno.EPERM, errno.EROFS, errno.EACCES)
+    for entry in handed:
+        assert entry["access"] == os.O_RDONLY, entry
+        assert entry["write_fd"] in refused, entry
+        assert entry["write_path"] in refused, entry
+    data = image.read_bytes()
+    for start, _ in GPT_PARTS:
+        assert b"W" not in data[start : start + 512]
+
+
+def _pipes(n: int, stack: list[int]) -> list[int]:
+    """``n`` write ends (both ends of each go on ``stack`` to be closed)."""
+    writers = []
+    for _ in range(n):
+        r, w = os.pipe2(os.O_CLOEXEC)
+        stack += [r, w]
+        writers.append(w)
+    return writers
+
+
+def test_descriptor_limit_is_exact(space: Path, server: Server) -> None:
+    assert broker.MAX_FDS == 8
+    image = make_image(space / "eighth.img", 1 * MiB)
+    stack: list[int] = []
+    try:
+        extra = _pipes(broker.MAX_FDS, stack)
+        # Exactly the limit: served.
+        reply, _ = call(server.socket, "io.loopdev.List", {}, extra[: broker.MAX_FDS])
+        assert reply == {"parameters": {"devices": []}}
+        # One more: refused.
+        reply, _ = call(server.socket, "io.loopdev.List", {}, [*extra, extra[0]])
+        assert reply is not None and reply["error"] == "io.loopdev.BadRequest", reply
+        assert f"more than {broker.MAX_FDS}" in reply["parameters"]["message"]
+        # The 8th descriptor of 8 is the backing file an Attach names.
+        fd = os.open(image, os.O_RDWR | os.O_CLOEXEC)
+        stack.append(fd)
+        sock = raw_connect(server.socket)
+        try:
+            reply, fds = call(sock, "io.loopdev.Attach", {"file": 7}, [*extra[:7], fd])
+            assert reply is not None and "parameters" in reply, reply
+            name = reply["parameters"]["device"]["name"]
+            assert bound_under(space) == [name]
+            for handed in fds:
+                os.close(handed)
+        finally:
+            sock.close()  # releases the device
+    finally:
+        for fd in stack:
+            os.close(fd)
+
+
+def _detach_reply(sock: socket.socket, name: str, timeout: float) -> dict[str, Any] | None:
+    """Send Detach; the reply, waited for up to a minute (the cap is 10 s)."""
+    message = {"method": "io.loopdev.Detach", "parameters": {"name": name, "timeout": timeout}}
+    raw_send(sock, json.dumps(message).encode() + b"\0")
+    conn = _varlink.Connection(sock, max_message=1 << 20, max_fds=8, timeout=60)
+    frame = conn.receive(idle_timeout=60)
+    return None if frame is None else dict(json.loads(frame.payload))
+
+
+def test_detach_waits_at_most_its_cap(space: Path, server: Server) -> None:
+    """A client asks Detach to wait an hour for a device this process holds open: the
+    broker answers DeviceBusy after its cap, and the device goes at the last close."""
+    image = make_image(space / "held.img", 1 * MiB)
+    fd = os.open(image, os.O_RDWR | os.O_CLOEXEC)
+    sock = raw_connect(server.socket)
+    holder = -1
+    try:
+        reply, fds = call(sock, "io.loopdev.Attach", {"file": 0}, [fd])
+        assert reply is not None and "parameters" in reply, reply
+        name = reply["parameters"]["device"]["name"]
+        for handed in fds:
+            os.close(handed)
+        holder = os.open(f"/dev/{name}", os.O_RDONLY | os.O_CLOEXEC)
+        started = time.monotonic()
+        reply = _detach_reply(sock, name, 3600.0)
+        took = time.monotonic() - started
+        assert reply is not None and reply["error"] == "io.loopdev.DeviceBusy", reply
+        assert broker.MAX_DETACH_TIMEOUT - 1 < took < broker.MAX_DETACH_TIMEOUT + 20, took
+        assert bound_under(space) == [name]  # held: the kernel keeps it until the last close
+    finally:
+        if holder >= 0:
+            os.close(holder)
+        sock.close()
+        os.close(fd)
+    assert poll(lambda: not bound_under(space), 5)
