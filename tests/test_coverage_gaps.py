@@ -1,0 +1,267 @@
+"""Paths of the engine, the node code and the C attach loop that no other test took,
+found with the coverage pass (.ci/coverage, issue 19):
+
+- a signal to a thread that waits for another thread's hold on the
+  loop-control lock ends that wait; the attach is retried and succeeds;
+- ``lock=True`` passes over a free device another process holds locked;
+- a wrong ``loopN`` node in a caller's directory is ``UnexpectedDevice``;
+- loop-control that may not be opened is ``ControlDenied``, naming the broker;
+- in a container, a device is opened by name where its node is missing or
+  wrong (through a private node), and a read-only /dev gets no nodes;
+- without CAP_MKNOD: ``attach(node_dir=)`` fails with ``DeviceNodeError`` and
+  leaves nothing bound; compat ``Loop.mknod`` bind-mounts the host's node, and
+  refuses where that node is not the device.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import brokerlib
+import nsrun
+import pytest
+from helpers import bound_under, make_image
+
+import loopdev
+from loopdev import LoopControl, _engine, _native
+from loopdev.errors import UnexpectedDevice
+
+
+def test_signal_ends_a_threads_wait_for_the_other_threads_lock(
+    tmp_path: Path, devices: None
+) -> None:
+    """Thread A holds the process's allocation mutex while it waits for the loop-control
+    lock we hold; thread B waits for that mutex and gets SIGUSR1 (its handler returns):
+    B's attach goes on, and both attach once we let go."""
+    images = [make_image(tmp_path / f"{n}.img") for n in "ab"]
+    child = textwrap.dedent(
+        """
+        import json, signal, sys, threading, time
+        import loopdev
+        signal.signal(signal.SIGUSR1, lambda signum, frame: None)
+        got = {}
+        def run(key, image):
+            try:
+                dev = loopdev.attach(image)
+                got[key] = open(f"/sys/block/{dev.name}/loop/backing_file").read().strip()
+                dev.detach()
+            except BaseException as exc:
+                got[key] = repr(exc)
+        a = threading.Thread(target=run, args=("a", sys.argv[1]))
+        a.start()
+        time.sleep(0.2)
+        b = threading.Thread(target=run, args=("b", sys.argv[2]))
+        b.start()
+        time.sleep(0.2)
+        signal.pthread_kill(b.ident, signal.SIGUSR1)
+        print("signalled", flush=True)
+        a.join()
+        b.join()
+        print(json.dumps(got), flush=True)
+        """
+    )
+    holder = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
+    proc = None
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", child, *map(str, images)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "signalled", proc.communicate()
+        time.sleep(0.2)
+        fcntl.flock(holder, fcntl.LOCK_UN)
+        stdout, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 0, stderr
+    finally:
+        os.close(holder)
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert json.loads(stdout) == {"a": str(images[0]), "b": str(images[1])}
+
+
+def test_lock_passes_over_a_free_device_someone_holds_locked(tmp_path: Path, devices: None) -> None:
+    """The device GET_FREE names is flock()ed by another holder (as systemd does while it
+    sets one up): ``lock=True`` takes another one (LOOP_CTL_ADD: one more minor)."""
+    image = make_image(tmp_path / "locked.img")
+    ctl = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        index = fcntl.ioctl(ctl, _native.LOOP_CTL_GET_FREE)
+    finally:
+        os.close(ctl)
+    held = os.open(f"/dev/loop{index}", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with loopdev.attach(image, lock=True) as dev:
+            assert dev.minor != index
+            assert bound_under(tmp_path) == [dev.name]
+    finally:
+        os.close(held)
+
+
+def test_wrong_node_in_a_callers_directory_is_unexpected_device(
+    tmp_path: Path, devices: None
+) -> None:
+    """compat ``LoopControl(dir_fd)``: the directory's ``loopN`` is /dev/null's numbers.
+    Not passed by (that is for /dev only): ``UnexpectedDevice``, nothing bound."""
+    private = tmp_path / "dev"
+    private.mkdir()
+    with open("/sys/class/misc/loop-control/dev") as f:
+        major, minor = (int(x) for x in f.read().split(":"))
+    os.mknod(private / "loop-control", stat.S_IFCHR | 0o600, os.makedev(major, minor))
+    present = [int(n[4:]) for n in os.listdir("/sys/block") if n[4:].isdigit()]
+    for i in range(max(present, default=0) + 64):  # whatever GET_FREE names
+        os.mknod(private / f"loop{i}", stat.S_IFCHR | 0o600, os.makedev(1, 3))
+    image = make_image(tmp_path / "wrong.img")
+    dir_fd = os.open(private, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    fd = os.open(image, os.O_RDWR | os.O_CLOEXEC)
+    ctl = LoopControl(dir_fd)
+    try:
+        with pytest.raises(UnexpectedDevice) as exc:
+            ctl.loop_for_fd(fd, autoclear=True)
+        assert exc.value.errno == errno.ENODEV, exc.value
+    finally:
+        ctl.close()
+        os.close(fd)
+        os.close(dir_fd)
+    assert bound_under(tmp_path) == []
+
+
+def test_control_denied_names_the_broker(devices: None) -> None:
+    brokerlib.require_unprivileged()
+    got = brokerlib.as_user(
+        """
+from loopdev import LoopControl
+from loopdev.errors import ControlDenied
+try:
+    LoopControl()
+except ControlDenied as exc:
+    out(errno=exc.errno, message=str(exc), permission=isinstance(exc, PermissionError))
+"""
+    )
+    assert len(got) == 1, got
+    assert got[0]["errno"] == errno.EACCES and got[0]["permission"] is True
+    assert "broker" in got[0]["message"] and "loop-control" in got[0]["message"]
+
+
+# --- in a container (nsrun: a private mount namespace with a tmpfs /dev) ---------------
+
+MS_RDONLY, MS_NOSUID, MS_REMOUNT, MS_BIND = 0x1, 0x2, 0x20, 0x1000
+
+
+def body_open_by_name_and_read_only_dev(image: str) -> list[str]:
+    dev = loopdev.attach(image)
+    nsrun.used(dev.name)
+    path = f"/dev/{dev.name}"
+    want = os.stat(path).st_rdev
+    opened = []
+    try:
+        os.unlink(path)  # no node: reached through a private one
+        other = loopdev.open(dev.minor)
+        opened.append(os.fstat(other.fd).st_rdev == want)
+        other.close()
+        os.mknod(path, stat.S_IFCHR | 0o600, os.makedev(1, 3))  # a wrong node: the same
+        other = loopdev.open(dev.minor)
+        opened.append(os.fstat(other.fd).st_rdev == want)
+        other.close()
+        os.unlink(path)
+        assert opened == [True, True]
+        # A read-only /dev: no node, a warning, no error.
+        records: list[logging.LogRecord] = []
+        handler = logging.Handler()
+        handler.emit = records.append  # type: ignore[method-assign]
+        logging.getLogger("loopdev").addHandler(handler)
+        # A read-only bind mount over it (our device fd keeps the tmpfs itself busy).
+        nsrun._mount("/dev", "/dev", "", MS_BIND, "")
+        try:
+            nsrun._mount("none", "/dev", "", MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID, "")
+            _engine.publish_nodes(dev.minor, _native.Config(flags=_engine.flags(0, 1, 0)))
+        finally:
+            _native.unmount("/dev")
+        assert not os.path.lexists(path)
+        return [r.getMessage() for r in records]
+    finally:
+        dev.detach()
+
+
+def test_container_opens_by_name_without_a_right_node_and_survives_read_only_dev(
+    tmp_path: Path, devices: None
+) -> None:
+    if nsrun.UNSHARE is None:
+        pytest.skip("unshare (util-linux) not installed")
+    image = make_image(tmp_path / "ns.img")
+    messages = nsrun.run(body_open_by_name_and_read_only_dev, str(image), images=[image])
+    assert any("read-only" in m for m in messages), messages
+
+
+def test_without_cap_mknod(tmp_path: Path, devices: None) -> None:
+    """In a private mount namespace (host /dev) without CAP_MKNOD: private nodes for
+    ``attach(node_dir=)`` cannot be made (DeviceNodeError, nothing bound); compat
+    ``Loop.mknod`` bind-mounts /dev/loopN instead, and refuses a node that is not it."""
+    if nsrun.UNSHARE is None or nsrun.SETPRIV is None:
+        pytest.skip("unshare/setpriv (util-linux) not installed")
+    image = make_image(tmp_path / "nomknod.img")
+    node_dir = tmp_path / "nodes"
+    node_dir.mkdir()
+    code = textwrap.dedent(
+        """
+        import json, os, stat, sys
+        import loopdev
+        from loopdev import LoopControl, nodes
+        from loopdev.errors import DeviceNodeError
+        image, node_dir = sys.argv[1:3]
+        res = {}
+        try:
+            loopdev.attach(image, node_dir=node_dir).detach()
+        except DeviceNodeError as exc:
+            res["attach"] = [exc.errno, "CAP_MKNOD" in str(exc)]
+        ctl = LoopControl()
+        fd = os.open(image, os.O_RDWR | os.O_CLOEXEC)
+        lo = ctl.loop_for_fd(fd, autoclear=True)
+        dfd = os.open(node_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        name = f"loop{lo.minor}"
+        lo.mknod(dfd)
+        st = os.stat(os.path.join(node_dir, name))
+        res["mirrored"] = stat.S_ISBLK(st.st_mode) and st.st_rdev == os.stat(f"/dev/{name}").st_rdev
+        try:  # /dev/loopN is not the device asked for: no bind mount of it
+            nodes._bind_host_node(dfd, name, (7, (1 << 20) - 2))
+        except DeviceNodeError as exc:
+            res["refused"] = exc.errno
+        try:
+            os.mknod(os.path.join(node_dir, "probe"), stat.S_IFBLK, os.makedev(7, 0))
+        except PermissionError:
+            res["no_mknod"] = True
+        lo.close()
+        os.close(fd)
+        ctl.close()
+        print(json.dumps(res))
+        """
+    )
+    argv = [nsrun.UNSHARE, "-m", "--propagation", "private", nsrun.SETPRIV]
+    argv += ["--inh-caps=-mknod", "--bounding-set=-mknod", sys.executable, "-c", code]
+    done = subprocess.run(
+        [*argv, str(image), str(node_dir)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout)
+    assert got == {
+        "attach": [errno.EPERM, True],
+        "mirrored": True,
+        "refused": errno.EPERM,
+        "no_mknod": True,
+    }
+    assert bound_under(tmp_path) == []
