@@ -15,6 +15,8 @@ import errno
 import json
 import os
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -184,3 +186,103 @@ def test_detach_waits_at_most_its_cap(space: Path, server: Server) -> None:
         sock.close()
         os.close(fd)
     assert poll(lambda: not bound_under(space), 5)
+
+
+# --- paths the coverage pass found untaken ---------------------------------------------
+
+
+def test_detach_with_a_partition_held_keeps_the_device(space: Path, server: Server) -> None:
+    """A partition is open elsewhere: Detach is DeviceBusy and changes nothing (the
+    device stays the connection's, listed); once let go, Detach succeeds."""
+    image = gpt_image(space / "held-part.img")
+    fd = os.open(image, os.O_RDWR | os.O_CLOEXEC)
+    sock = raw_connect(server.socket)
+    holder = -1
+    try:
+        reply, fds = call(sock, "io.loopdev.Attach", {"file": 0, "partscan": True}, [fd])
+        assert reply is not None and "parameters" in reply, reply
+        name = reply["parameters"]["device"]["name"]
+        for handed in fds:
+            os.close(handed)
+        poll(lambda: os.path.exists(f"/dev/{name}p1"), 5)
+        holder = os.open(f"/dev/{name}p1", os.O_RDONLY | os.O_CLOEXEC)
+        reply = _detach_reply(sock, name, 1.0)
+        assert reply is not None and reply["error"] == "io.loopdev.DeviceBusy", reply
+        reply, _ = call(sock, "io.loopdev.List")
+        assert reply is not None
+        assert [d["name"] for d in reply["parameters"]["devices"]] == [name]
+        assert len(reply["parameters"]["devices"][0]["partitions"]) == len(GPT_PARTS)
+        os.close(holder)
+        holder = -1
+        assert _detach_reply(sock, name, 5.0) == {"parameters": {}}
+    finally:
+        if holder >= 0:
+            os.close(holder)
+        sock.close()
+        os.close(fd)
+
+
+def test_interface_description_of_another_interface(server: Server) -> None:
+    reply, _ = call(
+        server.socket, "org.varlink.service.GetInterfaceDescription", {"interface": "org.x"}
+    )
+    assert reply is not None and reply["error"] == "org.varlink.service.InterfaceNotFound"
+    assert reply["parameters"] == {"interface": "org.x"}
+
+
+def _serve(*args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "loopdev", "serve", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        **kwargs,
+    )
+
+
+def test_socket_path_that_is_a_file_a_stale_socket_or_nowhere(space: Path) -> None:
+    """A file in the way is refused and kept; a socket no broker answers on (one that
+    died) is replaced; a path the socket cannot be bound to fails cleanly."""
+    in_the_way = space / "file.sock"
+    in_the_way.write_text("mine")
+    done = _serve("--socket", str(in_the_way))
+    assert done.returncode == 1 and "not a socket" in done.stderr, done.stderr
+    assert in_the_way.read_text() == "mine"
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(space / "stale.sock"))
+    stale.close()
+    srv = Server(space, "--allow-user", "nobody", name="stale")
+    srv.stop()
+    too_long = space / ("x" * 120 + ".sock")  # past sun_path's 108 bytes: bind fails
+    done = _serve("--socket", str(too_long))
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert not os.path.lexists(too_long)
+
+
+def test_socket_activation_with_the_wrong_sockets(space: Path) -> None:
+    """LISTEN_FDS=2, or fd 3 a datagram socket: refused with a message, not served."""
+    launcher = (
+        "import os, sys\n"
+        "os.dup2(int(sys.argv[1]), 3)\n"
+        "os.environ.update(LISTEN_FDS=sys.argv[2], LISTEN_PID=str(os.getpid()))\n"
+        "os.execv(sys.executable, [sys.executable, '-m', 'loopdev', 'serve',"
+        " '--socket', sys.argv[3]])\n"
+    )
+    unused = str(space / "not-this.sock")
+    for kind, count, expected in [
+        (socket.SOCK_STREAM, "2", "expected one socket"),
+        (socket.SOCK_DGRAM, "1", "not a Unix stream socket"),
+    ]:
+        sock = socket.socket(socket.AF_UNIX, kind)
+        try:
+            done = subprocess.run(
+                [sys.executable, "-c", launcher, str(sock.fileno()), count, unused],
+                pass_fds=[sock.fileno()],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+        finally:
+            sock.close()
+        assert done.returncode == 1 and expected in done.stderr, done.stderr
+        assert not os.path.exists(unused)
