@@ -7,7 +7,10 @@ found with the coverage pass (.ci/coverage, issue 19):
 - a wrong ``loopN`` node in a caller's directory is ``UnexpectedDevice``;
 - loop-control that may not be opened is ``ControlDenied``, naming the broker;
 - in a container, a device is opened by name where its node is missing or
-  wrong (through a private node), and a read-only /dev gets no nodes;
+  wrong (through a private node); a read-only /dev gets no nodes, and an
+  attach that needs a private node there (or on a nodev /dev) fails cleanly;
+- a table refused after the bind undoes the attach: compat ``loop_for_fd``
+  with ``setup`` (the hooks) and compat ``configure``;
 - without CAP_MKNOD: ``attach(node_dir=)`` fails with ``DeviceNodeError`` and
   leaves nothing bound; compat ``Loop.mknod`` bind-mounts the host's node, and
   refuses where that node is not the device.
@@ -30,11 +33,11 @@ from pathlib import Path
 import brokerlib
 import nsrun
 import pytest
-from helpers import bound_under, make_image
+from helpers import SFDISK, bound_under, make_image, poll, wait_unbound
 
 import loopdev
-from loopdev import LoopControl, _engine, _native
-from loopdev.errors import UnexpectedDevice
+from loopdev import Loop, LoopControl, _engine, _native
+from loopdev.errors import LoopError, PartitionTableError, UnexpectedDevice
 
 
 def test_signal_ends_a_threads_wait_for_the_other_threads_lock(
@@ -138,7 +141,7 @@ def test_wrong_node_in_a_callers_directory_is_unexpected_device(
         ctl.close()
         os.close(fd)
         os.close(dir_fd)
-    assert bound_under(tmp_path) == []
+    assert wait_unbound(tmp_path) == []
 
 
 def test_control_denied_names_the_broker(devices: None) -> None:
@@ -160,7 +163,8 @@ except ControlDenied as exc:
 
 # --- in a container (nsrun: a private mount namespace with a tmpfs /dev) ---------------
 
-MS_RDONLY, MS_NOSUID, MS_REMOUNT, MS_BIND = 0x1, 0x2, 0x20, 0x1000
+LOSETUP = nsrun.LOSETUP
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND = 0x1, 0x2, 0x4, 0x20, 0x1000
 
 
 def body_open_by_name_and_read_only_dev(image: str) -> list[str]:
@@ -190,6 +194,26 @@ def body_open_by_name_and_read_only_dev(image: str) -> list[str]:
         try:
             nsrun._mount("none", "/dev", "", MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID, "")
             _engine.publish_nodes(dev.minor, _native.Config(flags=_engine.flags(0, 1, 0)))
+            # A device without a node here needs a private one, which cannot be made.
+            try:
+                loopdev.attach(image).detach()
+            except LoopError as exc:
+                records_errno = exc.errno
+            else:
+                records_errno = 0
+        finally:
+            _native.unmount("/dev")
+        assert records_errno == errno.EROFS, records_errno
+        # A nodev /dev: the private node is made but does not open.
+        nsrun._mount("/dev", "/dev", "", MS_BIND, "")
+        try:
+            nsrun._mount("none", "/dev", "", MS_REMOUNT | MS_BIND | MS_NODEV | MS_NOSUID, "")
+            try:
+                loopdev.attach(image).detach()
+            except LoopError as exc:
+                assert exc.errno == errno.EACCES, exc
+            else:
+                raise AssertionError("attached through a node on a nodev /dev")
         finally:
             _native.unmount("/dev")
         assert not os.path.lexists(path)
@@ -264,4 +288,107 @@ def test_without_cap_mknod(tmp_path: Path, devices: None) -> None:
         "refused": errno.EPERM,
         "no_mknod": True,
     }
-    assert bound_under(tmp_path) == []
+    assert wait_unbound(tmp_path) == []
+
+
+def test_refused_table_after_the_bind_undoes_compat_attach_and_configure(
+    tmp_path: Path, devices: None
+) -> None:
+    """A GPT written for 4096-byte sectors, attached with blocksize=512 and partscan:
+    refused once the device is bound; the device is let go (through the hooks of
+    ``loop_for_fd(setup=)``, or by ``Loop.configure`` itself), nothing stays bound."""
+    if SFDISK is None:
+        pytest.skip("sfdisk (util-linux) not installed")
+    image = make_image(tmp_path / "gpt4k.img", 16 << 20)
+    with loopdev.attach(image, block_size=4096) as dev:  # sfdisk 2.38 has no --sector-size
+        script = "label: gpt\nsize=4M\n"
+        subprocess.run([SFDISK, "-q", dev.path], input=script, text=True, check=True)
+    assert wait_unbound(tmp_path) == []
+    fd = os.open(image, os.O_RDWR | os.O_CLOEXEC)
+    ctl = LoopControl()
+    seen: list[int] = []
+    try:
+        with pytest.raises(PartitionTableError):
+            ctl.loop_for_fd(
+                fd,
+                setup=lambda lo: seen.append(lo.minor),
+                partscan=True,
+                blocksize=512,
+                autoclear=True,
+            )
+        assert seen and wait_unbound(tmp_path) == []
+        lo = Loop(ctl.get_unbound())
+        try:
+            with pytest.raises(PartitionTableError):
+                lo.configure(fd, partscan=True, blocksize=512, autoclear=True)
+        finally:
+            lo.close()
+        assert wait_unbound(tmp_path) == []
+    finally:
+        ctl.close()
+        os.close(fd)
+
+
+def test_attach_passes_over_a_free_device_whose_stale_partition_is_open(
+    tmp_path: Path, devices: None
+) -> None:
+    """A partition added with BLKPG outlives ``losetup -d`` (no partscan); opened then, it
+    cannot be deleted, so its free device cannot be used: attach takes another one."""
+    if LOSETUP is None:
+        pytest.skip("losetup (util-linux) not installed")
+    image = make_image(tmp_path / "stale.img", 4 << 20)
+    fresh = make_image(tmp_path / "fresh.img")
+    done = subprocess.run(
+        [LOSETUP, "-f", "--show", str(image)], capture_output=True, text=True, check=True
+    )
+    dev = done.stdout.strip()
+    index = int(dev.removeprefix("/dev/loop"))
+    holder = -1
+    try:
+        fd = os.open(dev, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            _native.blkpg(fd, _native.BLKPG_ADD_PARTITION, 1, 1 << 20, 1 << 20, device=dev)
+        finally:
+            os.close(fd)
+        subprocess.run([LOSETUP, "-d", dev], check=True)
+        assert wait_unbound(tmp_path) == []
+        # Opened once the device is free (held open, it would not have been released).
+        poll(lambda: os.path.exists(f"{dev}p1"), 5)
+        holder = os.open(f"{dev}p1", os.O_RDONLY | os.O_CLOEXEC)
+        with loopdev.attach(fresh) as got:
+            assert got.minor != index
+    finally:
+        if holder >= 0:
+            os.close(holder)
+        fd = os.open(dev, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            _native.delete_partitions(fd, index)
+        finally:
+            os.close(fd)
+    assert not os.path.exists(f"/sys/block/loop{index}/loop{index}p1")
+
+
+def test_place_node_replaces_a_node_of_no_device_and_refuses_a_file(
+    tmp_path: Path, devices: None
+) -> None:
+    """In the way of a node to make: a block node of loop numbers no device has is
+    loopdev's kind (replaced); a regular file is not (``DeviceNodeError`` EEXIST, kept)."""
+    from loopdev import nodes
+    from loopdev.errors import DeviceNodeError
+
+    dir_fd = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    want = os.stat("/dev/loop-control").st_rdev  # any numbers: nothing opens the node
+    want_devt = (os.major(want), os.minor(want))
+    try:
+        os.mknod(tmp_path / "stale", stat.S_IFBLK | 0o600, os.makedev(7, (1 << 20) - 2))
+        assert nodes.place_node(dir_fd, "stale", want_devt, 0o640, where=str(tmp_path))
+        st = os.stat(tmp_path / "stale")
+        assert stat.S_ISBLK(st.st_mode) and st.st_rdev == want
+        assert stat.S_IMODE(st.st_mode) == 0o640
+        (tmp_path / "file").write_text("mine")
+        with pytest.raises(DeviceNodeError) as exc:
+            nodes.place_node(dir_fd, "file", want_devt, where=str(tmp_path))
+        assert exc.value.errno == errno.EEXIST and "in the way" in str(exc.value)
+        assert (tmp_path / "file").read_text() == "mine"
+    finally:
+        os.close(dir_fd)
