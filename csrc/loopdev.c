@@ -730,7 +730,7 @@ static int pick_index(const struct ld_attach_req *req, struct ld_attach_res *res
     int index = ioctl(req->ctl_fd, LOOP_CTL_GET_FREE);
     if (index >= 0 && skipped(s, index))
         index = ioctl(req->ctl_fd, LOOP_CTL_ADD, -1);
-    if (index < 0)
+    if (index < 0) /* untested: no minor can be added (ENOMEM, the minor space full) */
         return fail(res, LD_STAGE_GET_FREE, neg_errno());
     a->index = res->index = index;
     return 0;
@@ -761,7 +761,7 @@ int ld_open_private(int dirfd, int index, int part_shift)
     if (mkdirat(dirfd, dir, 0700) < 0)
         return neg_errno();
     dfd = openat(dirfd, dir, O_PATH | O_DIRECTORY | O_CLOEXEC);
-    if (dfd < 0)
+    if (dfd < 0) /* untested: the directory just made; EMFILE/ENOMEM only */
         r = neg_errno();
     else if (mknodat(dfd, name, S_IFBLK | 0600, devt) < 0)
         r = neg_errno();
@@ -782,7 +782,7 @@ static int check_node(const struct ld_attach_req *req, struct ld_attach_res *res
                       int fd)
 {
     struct stat st;
-    if (fstat(fd, &st) < 0)
+    if (fstat(fd, &st) < 0) /* untested: fstat of an open fd does not fail */
         return neg_errno();
     if (S_ISBLK(st.st_mode) &&
         st.st_rdev == makedev(LOOP_MAJOR, (unsigned)index << req->part_shift))
@@ -820,6 +820,7 @@ static int open_device(const struct ld_attach_req *req, struct ld_attach_res *re
             return fail(res, LD_STAGE_CHECK, r);
     }
     r = ld_open_private(req->dev_dirfd, a->index, req->part_shift);
+    /* Untested race: the device removed (LOOP_CTL_REMOVE) since GET_FREE. */
     if (r == -ENXIO)
         return retry(res, LD_STAGE_OPEN, r);
     if (r < 0)
@@ -934,6 +935,9 @@ static int attach_loop(const struct ld_attach_req *req, struct ld_attach_res *re
         int r;
         if (attempt > 0) {
             res->retries++;
+            /* Untested: a signal during a backoff nap, and the deadline
+             * (30 s of lost races; the 64 attempts run out first in
+             * test_exhausted_candidates_fail_within_bound). */
             if (backoff(attempt, &s->seed, &s->sig) < 0)
                 return fail(res, LD_STAGE_INTERRUPTED, -EINTR);
             if (now_us() > s->deadline)

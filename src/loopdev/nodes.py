@@ -88,7 +88,7 @@ def place_node(dir_fd: int, name: str, devt: DevT, mode: int = 0o600, *, where: 
 
 def remove_node(dir_fd: int, name: str, devt: DevT | None = None) -> None:
     """Remove ``name`` from ``dir_fd`` if it is there (and, given ``devt``, is that node)."""
-    if devt is not None:
+    if devt is not None:  # every caller gives it (no test without)
         try:
             st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         except FileNotFoundError:
@@ -97,7 +97,7 @@ def remove_node(dir_fd: int, name: str, devt: DevT | None = None) -> None:
             return  # replaced by someone else since: not ours any more
     try:
         os.unlink(name, dir_fd=dir_fd)
-    except FileNotFoundError:
+    except FileNotFoundError:  # untested race: removed between stat and unlink
         pass
 
 
@@ -128,7 +128,7 @@ def _bind_host_node(dir_fd: int, name: str, devt: DevT) -> None:
     os.close(fd)
     try:
         _native.bind_mount(host, f"/proc/self/fd/{dir_fd}/{name}")
-    except BaseException:
+    except BaseException:  # untested: the loop ioctls before need CAP_SYS_ADMIN too
         os.unlink(name, dir_fd=dir_fd)
         raise
 
@@ -173,7 +173,7 @@ class NodeSet:
         if made and mark:
             try:
                 os.setxattr(f"{self.where}/{name}", _MARK, b"1", follow_symlinks=False)
-            except OSError:
+            except OSError:  # untested: devtmpfs and tmpfs have trusted xattrs
                 pass  # no xattrs there: a later process will not remove it
 
     def remove(self) -> None:
