@@ -1,7 +1,7 @@
 """Behaviours no other test pinned down, found by putting small bugs in by hand (issue 19).
 
-- an attach that had to wait for the loop-control lock gives the calling
-  thread its signal mask back exactly as it was;
+- an attach that had to wait (retrying a device another process holds with
+  O_EXCL) gives the calling thread its signal mask back exactly as it was;
 - a signal whose handler returns, arriving (twice) during that wait, runs
   the handler and the attach still succeeds;
 - the C private-node path makes the node with the caller's ``part_shift``;
@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import signal
@@ -26,6 +25,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import helpers
 import pytest
 from helpers import bound_under, gpt_image, make_image, poll
 from helpers import run_cli as run
@@ -39,12 +39,14 @@ MiB = 1 << 20
 # --- the wait for the loop-control lock ------------------------------------------------
 
 
-def _attach_while_locked(
+def _attach_while_held(
     image: Path, body: str, during: Callable[[subprocess.Popen[str]], None]
 ) -> dict[str, Any]:
-    """Run a child that attaches ``image`` while this process holds the loop-control
-    lock; ``during(child)`` runs here before the lock is let go.
-    ``body`` gets ``attach()`` (returning the device) and prints its JSON with ``out``."""
+    """Run a child that attaches ``image`` while another holds the next free minor with
+    O_EXCL for 0.6 s: LOOP_CONFIGURE answers EBUSY, and the attach loop retries with
+    naps (signals blocked between them) until the holder lets go. ``during(child)``
+    runs here meanwhile. ``body`` gets ``attach()`` (returning the device) and prints
+    its JSON with ``out``; the result has ``held``, the minor that was held."""
     child = textwrap.dedent(
         """
         import json, os, signal, sys, time
@@ -56,10 +58,12 @@ def _attach_while_locked(
             return loopdev.attach(sys.argv[1])
         """
     ) + textwrap.dedent(body)
-    holder = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
+    holder = helpers.child("hold_exclusive", "0.6")
     proc = None
     try:
-        fcntl.flock(holder, fcntl.LOCK_EX)
+        assert holder.stdout is not None
+        line = holder.stdout.readline().split()
+        assert line, holder.stderr.read() if holder.stderr else ""
         proc = subprocess.Popen(
             [sys.executable, "-c", child, str(image)],
             stdout=subprocess.PIPE,
@@ -69,22 +73,23 @@ def _attach_while_locked(
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "ready", proc.communicate()
         during(proc)
-        fcntl.flock(holder, fcntl.LOCK_UN)
         stdout, stderr = proc.communicate(timeout=60)
         assert proc.returncode == 0, stderr
-        return dict(json.loads(stdout))
+        return {**json.loads(stdout), "held": int(line[0])}
     finally:
-        os.close(holder)
+        helpers.reap(holder)
         if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait()
 
 
-def test_signal_mask_is_restored_after_waiting_for_the_lock(tmp_path: Path, devices: None) -> None:
-    """The wait blocks signals between naps; afterwards the thread's mask is the one it
+def test_signal_mask_is_restored_after_waiting_for_a_busy_device(
+    tmp_path: Path, devices: None
+) -> None:
+    """The retries block signals between naps; afterwards the thread's mask is the one it
     had (SIGUSR2 blocked by the caller stays blocked, nothing else is)."""
     image = make_image(tmp_path / "mask.img")
-    got = _attach_while_locked(
+    got = _attach_while_held(
         image,
         """
         signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR2])
@@ -93,30 +98,31 @@ def test_signal_mask_is_restored_after_waiting_for_the_lock(tmp_path: Path, devi
         dev = attach()
         waited = time.monotonic() - started
         after = sorted(signal.pthread_sigmask(signal.SIG_BLOCK, []))
+        minor = dev.minor
         dev.detach()
-        out(before=before, after=after, waited=waited)
+        out(before=before, after=after, waited=waited, minor=minor)
         """,
-        lambda proc: time.sleep(0.3),
+        lambda proc: None,
     )
     assert got["before"] == [int(signal.SIGUSR2)]
     assert got["after"] == got["before"]
-    assert got["waited"] > 0.1  # it did wait
+    if got["minor"] == got["held"]:  # else another process took it meanwhile
+        assert got["waited"] > 0.1  # it did wait
 
 
 def _two_signals(proc: subprocess.Popen[str]) -> None:
     for _ in range(2):
-        time.sleep(0.2)
+        time.sleep(0.15)
         proc.send_signal(signal.SIGUSR1)
-    time.sleep(0.2)
 
 
 def test_signal_whose_handler_returns_does_not_end_the_attach(
     tmp_path: Path, devices: None
 ) -> None:
-    """SIGUSR1 twice during the wait: the handler runs each time, the attach goes on
-    waiting and then succeeds (the call is retried after EINTR, every time)."""
+    """SIGUSR1 twice during the retries: the handler runs each time, the attach goes on
+    and then succeeds (the call is retried after EINTR, every time)."""
     image = make_image(tmp_path / "usr1.img")
-    got = _attach_while_locked(
+    got = _attach_while_held(
         image,
         """
         seen = []
@@ -129,7 +135,7 @@ def test_signal_whose_handler_returns_does_not_end_the_attach(
         """,
         _two_signals,
     )
-    assert got == {"seen": 2, "bound": str(image)}
+    assert (got["seen"], got["bound"]) == (2, str(image))
     assert bound_under(tmp_path) == []
 
 
