@@ -240,9 +240,9 @@ def _serve(*args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_socket_path_that_is_a_file_a_stale_socket_or_nowhere(space: Path) -> None:
+def test_socket_path_that_is_a_file_or_a_stale_socket(space: Path) -> None:
     """A file in the way is refused and kept; a socket no broker answers on (one that
-    died) is replaced; a path the socket cannot be bound to fails cleanly."""
+    died) is replaced."""
     in_the_way = space / "file.sock"
     in_the_way.write_text("mine")
     done = _serve("--socket", str(in_the_way))
@@ -253,10 +253,6 @@ def test_socket_path_that_is_a_file_a_stale_socket_or_nowhere(space: Path) -> No
     stale.close()
     srv = Server(space, "--allow-user", "nobody", name="stale")
     srv.stop()
-    too_long = space / ("x" * 120 + ".sock")  # past sun_path's 108 bytes: bind fails
-    done = _serve("--socket", str(too_long))
-    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
-    assert not os.path.lexists(too_long)
 
 
 def test_socket_activation_with_the_wrong_sockets(space: Path) -> None:
