@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import helpers
+import images
 import pytest
 from helpers import poll
 
@@ -95,8 +95,7 @@ def shared_dir() -> Iterator[Path]:
 
 
 def make_image(path: Path, size: int = 4 * MiB, owner: int | None = NOBODY) -> Path:
-    with open(path, "wb") as f:
-        f.truncate(size)
+    images.make_image(path, size)
     if owner is not None:
         os.chown(path, owner, owner)
     return path
@@ -107,7 +106,7 @@ GPT_PARTS = ((1 * MiB, 4 * MiB), (6 * MiB, 4 * MiB))
 
 
 def gpt_image(path: Path, owner: int | None = NOBODY) -> Path:
-    helpers.gpt_image(path, 12 * MiB, GPT_PARTS)
+    images.gpt_image(path, 12 * MiB, GPT_PARTS)
     if owner is not None:
         os.chown(path, owner, owner)
     return path

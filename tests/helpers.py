@@ -1,4 +1,6 @@
-"""What the tests share: the kernel's view of loop devices, images, child programs.
+"""What the tests share: the kernel's view of loop devices, child programs.
+
+Images are made in ``images.py``.
 
 Devices are seen through sysfs and raw ioctls, not through loopdev's own
 listing code, so a bug there cannot hide a leak. Other processes on this
@@ -26,7 +28,6 @@ RELEASE_TIMEOUT = 3.0  # how long the kernel may take to release after the last 
 
 CHILDREN = Path(__file__).resolve().parent / "children"
 _TOOL_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
-SFDISK = shutil.which("sfdisk", path=_TOOL_PATH)
 UNSHARE = shutil.which("unshare", path=_TOOL_PATH)
 MOUNT = shutil.which("mount", path=_TOOL_PATH)
 SYS_BLOCK = "/sys/block"
@@ -150,43 +151,6 @@ def remove_added(minors: Iterable[int]) -> None:
 
 def open_fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
-
-
-# --- images -------------------------------------------------------------------------------
-
-
-def make_image(path: Path, size: int = 4 * MiB) -> Path:
-    """A sparse file of ``size`` bytes."""
-    with open(path, "wb") as f:
-        f.truncate(size)
-    return path
-
-
-# GPT made by sfdisk: p1 at 1 MiB (6 MiB), p2 at 7 MiB (4 MiB), in 512-byte sectors.
-GPT_PARTS = ((1 * MiB, 6 * MiB), (7 * MiB, 4 * MiB))
-
-
-def gpt_image(
-    path: Path, size: int = 16 * MiB, parts: tuple[tuple[int, int], ...] = GPT_PARTS
-) -> Path:
-    """A sparse image with a GPT of ``parts`` ((start, length) in bytes); skips where
-    sfdisk is missing."""
-    import pytest
-
-    if SFDISK is None:
-        pytest.skip("sfdisk (util-linux) not installed")
-    make_image(path, size)
-    script = "label: gpt\n" + "".join(
-        f"start={start // 512}, size={length // 512}\n" for start, length in parts
-    )
-    subprocess.run(
-        [SFDISK, "--quiet", "--no-reread", "--no-tell-kernel", str(path)],
-        input=script,
-        text=True,
-        check=True,
-        capture_output=True,
-    )
-    return path
 
 
 # --- child programs -----------------------------------------------------------------------

@@ -30,6 +30,7 @@ from brokerlib import (
     make_image,
     poll,
 )
+from images import sfdisk
 from test_broker import server, serving, serving_as_nobody, space, start  # noqa: F401
 
 from loopdev import broker
@@ -352,13 +353,7 @@ def test_reply_that_cannot_carry_its_descriptors_fails_clearly(
     script = "label: gpt\ntable-length: 256\n" + "".join(
         f"start={2048 + i}, size=1\n" for i in range(253)
     )
-    subprocess.run(
-        ["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", str(image)],
-        input=script,
-        text=True,
-        check=True,
-        capture_output=True,
-    )
+    sfdisk(image, script)
     got = as_user(
         """
 try:

@@ -19,7 +19,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from helpers import MiB, gpt_image, make_image
+from helpers import MiB
+from images import gpt_image, make_image
 
 STRACE = shutil.which("strace")
 BEGIN, END = "<<budget-begin>>", "<<budget-end>>"

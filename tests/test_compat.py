@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import open_fds
+from helpers import open_fds
 
 import loopdev
 from loopdev import Loop, LoopControl, LoopInfo, UnexpectedDevice
@@ -102,7 +102,7 @@ def test_bad_block_size_leaves_nothing_bound(
         ctl.loop_for_fd(image_fd, blocksize=1000, autoclear=True)
     assert exc.value.errno == errno.EINVAL
     # The autouse fixture also checks; check the fallback path's clear here too.
-    from conftest import wait_unbound
+    from helpers import wait_unbound
 
     assert wait_unbound(str(image)) == []
 

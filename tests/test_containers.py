@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import json
 import os
 import re
 import shutil
@@ -32,13 +31,12 @@ from typing import Any
 
 import nsrun
 import pytest
+from images import GPT3, kernel_spans, make_image, sfdisk_image
 
 import loopdev
 from loopdev import LoopControl
 from loopdev.errors import LoopError
 
-SFDISK = shutil.which("sfdisk")
-GPT3 = "label: gpt\nsize=4M, type=L, name=root\nsize=8M, type=L, name=data\nsize=2M, type=S\n"
 BLOCK = 4096
 ATTACH_BOUND = 1.0  # seconds: attach(partscan=True) in a container (issue 9 acceptance)
 FAIL_BOUND = 0.5  # seconds: a clear failure where nothing can work
@@ -60,29 +58,15 @@ def container(devices: None) -> None:
 @pytest.fixture
 def gpt(tmp_path: Path, container: None) -> tuple[str, Spans]:
     """A 32 MiB image with a 3-partition GPT made by sfdisk, and its partitions' spans."""
-    if SFDISK is None:
-        pytest.skip("sfdisk (Debian package fdisk) missing")
     path = tmp_path / "gpt.img"
-    with open(path, "wb") as f:
-        f.truncate(32 << 20)
-    subprocess.run([SFDISK, "-q", str(path)], input=GPT3, text=True, check=True)
-    out = subprocess.run([SFDISK, "--json", str(path)], capture_output=True, text=True, check=True)
-    table = json.loads(out.stdout)["partitiontable"]
-    ss = table.get("sectorsize", 512)
-    spans = [
-        [int(p["node"][len(table["device"]) :]), p["start"] * ss, p["size"] * ss]
-        for p in table["partitions"]
-    ]
+    spans = [list(span) for span in kernel_spans(sfdisk_image(path, GPT3))]
     assert [s[0] for s in spans] == [1, 2, 3]
     return str(path), spans
 
 
 @pytest.fixture
 def plain_image(tmp_path: Path, container: None) -> str:
-    path = tmp_path / "disk.img"
-    with open(path, "wb") as f:
-        f.truncate(16 << 20)
-    return str(path)
+    return str(make_image(tmp_path / "disk.img", 16 << 20))
 
 
 # --- helpers run in the child -----------------------------------------------------

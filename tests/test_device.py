@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import bound_under, wait_unbound
+from helpers import bound_under, wait_unbound
 
 import loopdev
 from loopdev import BackingFileError, ConfigureError, LoopError

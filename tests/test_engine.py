@@ -13,7 +13,6 @@ from __future__ import annotations
 import errno
 import gc
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -21,32 +20,18 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import bound_under
+from helpers import bound_under
+from images import MiB, gpt_image, make_image, sfdisk_4k
 
 import loopdev
 from loopdev import _native
 from loopdev.errors import BackingFileError, DeviceNodeError, LoopError
 
-MiB = 1 << 20
-
-
-def _image(path: Path, size: int = 4 * MiB) -> Path:
-    with open(path, "wb") as f:
-        f.truncate(size)
-    return path
-
-
-def _gpt(path: Path) -> Path:
-    _image(path, 16 * MiB)
-    script = "label: gpt\nstart=2048, size=4096\nstart=8192, size=4096\n"
-    subprocess.run(["sfdisk", "-q", str(path)], input=script, text=True, check=True)
-    return path
-
 
 def test_fork_during_first_attach(tmp_path: Path, devices: None) -> None:
     """A fresh interpreter: one thread attaches for the first time while the main thread
     forks; the child attaches too (it would hang on an import lock held by the thread)."""
-    image = _image(tmp_path / "fork.img")
+    image = make_image(tmp_path / "fork.img")
     child = textwrap.dedent(
         f"""
         import os, sys, threading
@@ -81,11 +66,9 @@ def test_fork_during_first_attach(tmp_path: Path, devices: None) -> None:
 
 def test_compat_set_status_moves_partitions(tmp_path: Path, devices: None) -> None:
     """Partitions loopdev registered follow a new offset, as a rescan would."""
-    if shutil.which("sfdisk") is None:
-        pytest.skip("sfdisk not installed")
     # The table 1 MiB into a bigger file (and not at its end, where the backup
     # header would be found): attached at offset 0 there is none.
-    inner = _gpt(tmp_path / "inner.img")
+    inner = gpt_image(tmp_path / "inner.img", 16 * MiB, ((1 * MiB, 2 * MiB), (4 * MiB, 2 * MiB)))
     outer = tmp_path / "outer.img"
     with open(outer, "wb") as f:
         f.truncate(MiB)
@@ -109,7 +92,7 @@ def test_compat_set_status_moves_partitions(tmp_path: Path, devices: None) -> No
 
 def test_compat_records_backing_path(tmp_path: Path, devices: None) -> None:
     """lo_file_name holds the backing path (cut at 63 bytes as the kernel cuts it)."""
-    image = _image(tmp_path / ("x" * 80 + ".img"))
+    image = make_image(tmp_path / ("x" * 80 + ".img"))
     fd = os.open(image, os.O_RDWR | os.O_CLOEXEC)
     ctl = loopdev.LoopControl()
     try:
@@ -127,7 +110,7 @@ def test_compat_records_backing_path(tmp_path: Path, devices: None) -> None:
 
 def test_open_does_not_block_detach(tmp_path: Path, devices: None) -> None:
     """An fd of loopdev.open() left to the garbage collector does not hold the device."""
-    image = _image(tmp_path / "open.img")
+    image = make_image(tmp_path / "open.img")
     dev = loopdev.attach(image)
     loopdev.open(dev.minor).info()
     gc.collect()
@@ -138,7 +121,7 @@ def test_open_does_not_block_detach(tmp_path: Path, devices: None) -> None:
 
 def test_zero_byte_file_attaches(tmp_path: Path, devices: None) -> None:
     """As with losetup: a 0-byte file attaches (the CLI warns)."""
-    image = _image(tmp_path / "zero.img", 0)
+    image = make_image(tmp_path / "zero.img", 0)
     with loopdev.attach(image) as dev:
         assert dev.info().size == 0
 
@@ -154,7 +137,7 @@ def test_zero_byte_file_attaches(tmp_path: Path, devices: None) -> None:
     ids=["find-missing", "open-9999", "open-negative", "missing-node-dir"],
 )
 def test_typed_errors(tmp_path: Path, devices: None, call: object, cls: type, code: int) -> None:
-    _image(tmp_path / "zero.img", MiB)
+    make_image(tmp_path / "zero.img", MiB)
     with pytest.raises(cls) as exc:
         call(tmp_path)  # type: ignore[operator]
     assert exc.value.errno == code
@@ -162,7 +145,7 @@ def test_typed_errors(tmp_path: Path, devices: None, call: object, cls: type, co
 
 
 def test_o_path_fd_is_refused_before_any_device(tmp_path: Path, devices: None) -> None:
-    image = _image(tmp_path / "opath.img")
+    image = make_image(tmp_path / "opath.img")
     fd = os.open(image, os.O_PATH | os.O_CLOEXEC)
     try:
         with pytest.raises(BackingFileError, match="O_PATH"):
@@ -175,13 +158,8 @@ def test_o_path_fd_is_refused_before_any_device(tmp_path: Path, devices: None) -
 def test_4k_gpt_gets_its_sector_size(tmp_path: Path, devices: None, api: str) -> None:
     """partscan without a block size: the device gets the sector size the GPT was written
     for (systemd does the same); the partitions are the table's."""
-    if shutil.which("sfdisk") is None:
-        pytest.skip("sfdisk not installed")
-    image = _image(tmp_path / "4k.img", 16 * MiB)
-    script = "label: gpt\nstart=256, size=1024\nstart=1280, size=1024\n"
-    # This sfdisk has no --sector-size: it writes through a 4096-byte device.
-    with loopdev.attach(image, block_size=4096) as writer:
-        subprocess.run(["sfdisk", "-q", writer.path], input=script, text=True, check=True)
+    image = tmp_path / "4k.img"
+    sfdisk_4k(image, "label: gpt\nstart=256, size=1024\nstart=1280, size=1024\n", 16 * MiB)
     if api == "attach":
         with loopdev.attach(image, partscan=True) as dev:
             assert dev.info().block_size == 4096

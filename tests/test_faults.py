@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
-from conftest import wait_unbound
+from helpers import partitions_of, wait_unbound
 
 import loopdev
 from loopdev import DeviceBusy, _native
@@ -453,14 +453,6 @@ def _sysfs(minor: int, attr: str) -> str | None:
         return None
 
 
-def _partitions(minor: int) -> list[str]:
-    try:
-        names = os.listdir(f"/sys/block/loop{minor}")
-    except FileNotFoundError:
-        return []
-    return sorted(n for n in names if n.startswith(f"loop{minor}p"))
-
-
 def _wait_node(path: str) -> None:
     deadline = time.monotonic() + 5
     while not os.path.exists(path):
@@ -502,7 +494,7 @@ def _add_partition(minor: int, dev_fd: int, pno: int, start: int, length: int) -
 
 def _drop_stale_partitions(minor: int, image: Path) -> None:
     """After a failure: partitions of ours on an unbound minor would reach the next file."""
-    if not _partitions(minor) or _sysfs(minor, "loop/backing_file") not in (None, str(image)):
+    if not partitions_of(minor) or _sysfs(minor, "loop/backing_file") not in (None, str(image)):
         return
     with contextlib.suppress(OSError):
         fd = os.open(f"/dev/loop{minor}", os.O_RDWR | os.O_CLOEXEC)
@@ -533,13 +525,13 @@ def test_busy_partition_makes_detach_fail_at_once(image: Path, api: str) -> None
         os.fstat(held.fd())
         assert _sysfs(held.minor, "loop/backing_file") == str(image)
         assert _sysfs(held.minor, "loop/autoclear") == "0", "LOOP_CLR_FD was called"
-        assert _partitions(held.minor) == [f"loop{held.minor}p1"]
+        assert partitions_of(held.minor) == [f"loop{held.minor}p1"]
     finally:
         if holder >= 0:
             os.close(holder)
         held.close()
         _drop_stale_partitions(held.minor, image)
-    assert _partitions(held.minor) == [] or _bound_elsewhere(held.minor, image)
+    assert partitions_of(held.minor) == [] or _bound_elsewhere(held.minor, image)
     assert wait_unbound(str(image.parent)) == []
 
 
@@ -558,9 +550,9 @@ def test_blkpg_partitions_without_partscan_are_gone_after_detach(image: Path, ap
         assert _sysfs(held.minor, "loop/partscan") == "0"
         _add_partition(held.minor, held.fd(), 1, 1 * MiB, 4 * MiB)
         _add_partition(held.minor, held.fd(), 2, 8 * MiB, 4 * MiB)
-        assert _partitions(held.minor) == [f"loop{held.minor}p1", f"loop{held.minor}p2"]
+        assert partitions_of(held.minor) == [f"loop{held.minor}p1", f"loop{held.minor}p2"]
         held.release()
-        left = _partitions(held.minor)
+        left = partitions_of(held.minor)
     finally:
         held.close()
         _drop_stale_partitions(held.minor, image)

@@ -27,25 +27,24 @@ says (through ``blkpg_plan``), and that a table it refuses leaves nothing bound.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import itertools
 import os
 import random
 import re
-import struct
 import subprocess
 import sys
 import time
 import uuid
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol, TypeVar
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from images import GPT_ENTRY, GPT_FIELDS, GPT_HEADER, Img, gpt_header, mbr_sector
 
 from loopdev.errors import PartitionTableError
 from loopdev.partitions import blkpg_plan
@@ -118,41 +117,6 @@ class AtherisDraw:
         return raw.ljust(n, b"\0")
 
 
-# --- sparse images ---------------------------------------------------------------------
-
-
-class Image:
-    """A sparse disk image: written pieces only, materialised as a memfd."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.pieces: dict[int, bytes] = {}
-
-    def write(self, offset: int, data: bytes) -> None:
-        self.pieces[offset] = data
-
-    @contextlib.contextmanager
-    def fd(self) -> Iterator[int]:
-        fd = os.memfd_create("fuzz-parttable", os.MFD_CLOEXEC)
-        try:
-            os.ftruncate(fd, self.size)
-            for offset, data in sorted(self.pieces.items()):
-                if 0 <= offset < self.size:
-                    os.pwrite(fd, data[: self.size - offset], offset)
-            yield fd
-        finally:
-            os.close(fd)
-
-    def save(self, path: Path) -> Path:
-        with open(path, "wb") as f:
-            f.truncate(self.size)
-            for offset, data in sorted(self.pieces.items()):
-                if 0 <= offset < self.size:
-                    f.seek(offset)
-                    f.write(data[: self.size - offset])
-        return path
-
-
 class Case:
     """A generated image, how to read it, and what must come out.
 
@@ -162,7 +126,7 @@ class Case:
 
     def __init__(
         self,
-        image: Image,
+        image: Img,
         read_as: int | None,
         expected: PartitionTable | None,
         mutations: list[str],
@@ -179,28 +143,6 @@ class Case:
 
 def guid_text(raw: bytes) -> str:
     return str(uuid.UUID(bytes_le=raw))
-
-
-def mbr_entry(boot: int, ptype: int, lba: int, count: int) -> bytes:
-    return struct.pack(
-        "<B3sB3sII",
-        boot,
-        b"\xfe\xff\xff",
-        ptype,
-        b"\xfe\xff\xff",
-        lba & 0xFFFFFFFF,
-        count & 0xFFFFFFFF,
-    )
-
-
-def mbr_sector(entries: Sequence[tuple[int, int, int, int] | None], disk_id: int = 0) -> bytes:
-    sector = bytearray(512)
-    struct.pack_into("<I", sector, 440, disk_id)
-    for slot, entry in enumerate(entries):
-        if entry is not None:
-            sector[446 + 16 * slot : 462 + 16 * slot] = mbr_entry(*entry)
-    sector[510:512] = b"\x55\xaa"
-    return bytes(sector)
 
 
 def spans(d: Draw, lo: int, hi: int, n: int, min_gap: int = 0) -> list[tuple[int, int]]:
@@ -224,8 +166,6 @@ def spans(d: Draw, lo: int, hi: int, n: int, min_gap: int = 0) -> list[tuple[int
 
 # --- GPT model ---------------------------------------------------------------------------
 
-HEADER = struct.Struct("<8sIIIIQQQQ16sQIII")
-ENTRY = struct.Struct("<16s16sQQQ72s")
 LINUX = uuid.UUID("0fc63daf-8483-4772-8e79-3d69d8477de4").bytes_le
 LABEL_CHARS = "abcXYZ 019-_.äöü✓€日本\U0001f600"
 
@@ -267,7 +207,7 @@ class GptModel:
         raw = bytearray(self.count * self.entry_size)
         for index, (ptype, puuid, first, last, label) in self.entries.items():
             name = label.encode("utf-16-le")[:72]
-            ENTRY.pack_into(raw, index * self.entry_size, ptype, puuid, first, last, 0, name)
+            GPT_ENTRY.pack_into(raw, index * self.entry_size, ptype, puuid, first, last, 0, name)
         return raw
 
     def header(self, my_lba: int, alternate: int, array_lba: int, array_crc: int) -> list[object]:
@@ -310,28 +250,8 @@ class GptModel:
         return PartitionTable("gpt", self.ss, guid_text(self.disk_guid), tuple(parts), notes)
 
 
-def pack_header(fields: list[object], header_size: int, ss: int, fix_crc: bool = True) -> bytes:
-    raw = bytearray(HEADER.pack(*fields)).ljust(max(92, min(header_size, ss)), b"\0")
-    if fix_crc and 92 <= header_size <= ss:
-        raw[16:20] = b"\0\0\0\0"
-        struct.pack_into("<I", raw, 16, zlib.crc32(raw[:header_size]))
-    return bytes(raw)
-
-
-# Header fields by index in HEADER: name -> index.
-HEADER_FIELDS = {
-    "signature": 0,
-    "revision": 1,
-    "header_size": 2,
-    "my_lba": 5,
-    "alternate": 6,
-    "first_usable": 7,
-    "last_usable": 8,
-    "entries_lba": 10,
-    "count": 11,
-    "entry_size": 12,
-    "entries_crc": 13,
-}
+# The header fields a mutation may set: all but the ones fixed by construction.
+HEADER_FIELDS = {k: v for k, v in GPT_FIELDS.items() if k not in ("header_crc", "disk_guid")}
 WIDTH = {1: 0xFFFFFFFF, 2: 0xFFFFFFFF, 11: 0xFFFFFFFF, 12: 0xFFFFFFFF, 13: 0xFFFFFFFF}
 
 
@@ -420,7 +340,7 @@ def build_gpt(d: Draw, mutate: bool) -> Case:
             mutations[-1] += f":{index}.{field}"
             for t in targets:
                 offset = index * m.entry_size
-                ptype, puuid, first, last, _, name_ = ENTRY.unpack_from(arrays[t], offset)
+                ptype, puuid, first, last, _, name_ = GPT_ENTRY.unpack_from(arrays[t], offset)
                 if field == "first":
                     first = interesting(d, m)
                 elif field == "last":
@@ -429,7 +349,7 @@ def build_gpt(d: Draw, mutate: bool) -> Case:
                     ptype = pick(d, [bytes(16), LINUX])
                 else:
                     first, last = last, first
-                ENTRY.pack_into(arrays[t], offset, ptype, puuid, first, last, 0, name_)
+                GPT_ENTRY.pack_into(arrays[t], offset, ptype, puuid, first, last, 0, name_)
         elif op == "duplicate" and m.entries and m.count > 1:
             src = pick(d, list(m.entries)) * m.entry_size
             dst = d.integer(0, m.count - 1) * m.entry_size
@@ -444,9 +364,9 @@ def build_gpt(d: Draw, mutate: bool) -> Case:
                     arrays[t][at] = d.integer(0, 255)
                 else:
                     at = d.integer(0, 91)
-                    raw = bytearray(HEADER.pack(*headers[t]))
+                    raw = bytearray(GPT_HEADER.pack(*headers[t]))
                     raw[at] = d.integer(0, 255)
-                    headers[t] = list(HEADER.unpack(bytes(raw)))
+                    headers[t] = list(GPT_HEADER.unpack(bytes(raw)))
                 mutations[-1] += f":{region}{base}@{at}"
         elif op == "size":
             size = max(0, m.size + pick(d, [-m.ss, -1, 1, m.ss, -(m.ss * m.array_lbas), 4096]))
@@ -454,7 +374,7 @@ def build_gpt(d: Draw, mutate: bool) -> Case:
             for t in targets:
                 fix_crc[t] = False
                 headers[t][3] = d.integer(0, 2**32 - 1)
-    image = Image(m.size)
+    image = Img(m.size)
     pmbr: list[tuple[int, int, int, int] | None] = [(0, 0xEE, 1, min(m.last, 0xFFFFFFFF))]
     if m.hybrid:
         pmbr.append((0x80, 0x0C, m.first_usable, 1))
@@ -469,8 +389,7 @@ def build_gpt(d: Draw, mutate: bool) -> Case:
                 length = fields[11] * fields[12]
                 if 0 <= length <= 4 * MiB:
                     fields[13] = zlib.crc32(bytes(arrays[t]).ljust(length, b"\0")[:length])
-        header_size = fields[2] if isinstance(fields[2], int) else 92
-        image.write(lba * m.ss, pack_header(fields, header_size, m.ss, fix_crc[t]))
+        image.write(lba * m.ss, gpt_header(fields, m.ss, fix_crc[t]))
     read_as: int | None = m.ss
     if m.ss in (512, 4096) and chance(d, 2):
         read_as = None  # let read_table probe
@@ -552,7 +471,7 @@ def build_mbr(d: Draw, mutate: bool) -> Case:
         else:
             slots[slot] = (pick(d, [0x00, 0x80]), pick(d, DATA_TYPES), start, end - start)
     disk_id = d.integer(0, 2**32 - 1)
-    image = Image(total * ss)
+    image = Img(total * ss)
     ebr_sectors: dict[int, list[tuple[int, int, int, int] | None]] = {}
     for slot, chain in chains.items():
         ext = slots[slot]
@@ -832,7 +751,7 @@ def test_generated_images_attach_as_read(tmp_path: Path, devices: None) -> None:
     """What attach(partscan=True) registers is read_table's answer as BLKPG can take it
     (blkpg_plan); a table it refuses raises PartitionTableError and leaves nothing bound
     or registered."""
-    from conftest import bound_under
+    from helpers import bound_under
 
     from loopdev.device import attach
 

@@ -17,34 +17,36 @@ bytes), or the reason it finds no table. Two tests run every case:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
-import shutil
 import struct
-import subprocess
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
+from images import (
+    KiB,
+    MiB,
+    Span,
+    gpt_fix,
+    kernel_spans,
+    needs_sfdisk,
+    read_at,
+    set_gpt_entry,
+    set_mbr_entry,
+    sfdisk_4k,
+    sfdisk_image,
+    write_at,
+)
 
 import loopdev
 from loopdev.errors import PartitionTableError
 from loopdev.partitions import blkpg_plan, list_partitions
 from loopdev.parttable import gpt_sector_size, read_table
 
-SFDISK = shutil.which("sfdisk", path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin"]))
-pytestmark = pytest.mark.skipif(SFDISK is None, reason="sfdisk (util-linux) not installed")
-
-KiB, MiB = 1 << 10, 1 << 20
-HEADER = struct.Struct("<8sIIIIQQQQ16sQIII")
-# Field positions in HEADER.
-MY_LBA, FIRST_USABLE, LAST_USABLE, ENTRIES_LBA, COUNT, ENTRY_SIZE = 5, 7, 8, 10, 11, 12
-
-Span = tuple[int, int, int]  # number, start, size in bytes
+pytestmark = needs_sfdisk
 
 
 class Expect(NamedTuple):
@@ -62,101 +64,17 @@ class Expect(NamedTuple):
 # --- making and patching images ----------------------------------------------------
 
 
-def sfdisk(path: Path, script: str, size: int = 32 * MiB) -> dict[str, Any]:
-    """A ``size``-byte sparse image partitioned by sfdisk; returns ``sfdisk --json``."""
-    assert SFDISK is not None
-    with open(path, "wb") as f:
-        f.truncate(size)
-    subprocess.run([SFDISK, "-q", str(path)], input=script, text=True, check=True)
-    return sfdisk_json(path)
-
-
-def sfdisk_json(path: Path | str) -> dict[str, Any]:
-    assert SFDISK is not None
-    out = subprocess.run([SFDISK, "--json", str(path)], capture_output=True, text=True, check=True)
-    table: dict[str, Any] = json.loads(out.stdout)["partitiontable"]
-    return table
-
-
-def sfdisk_4k(path: Path, script: str, size: int = 32 * MiB) -> dict[str, Any]:
-    """The same with 4096-byte sectors: sfdisk 2.38 has no --sector-size, so it
-    partitions the image through a loop device with 4096-byte blocks."""
-    assert SFDISK is not None
-    with open(path, "wb") as f:
-        f.truncate(size)
-    with loopdev.attach(path, block_size=4096) as dev:
-        subprocess.run([SFDISK, "-q", dev.path], input=script, text=True, check=True)
-        table = sfdisk_json(dev.path)
-        table["device"] = str(path)
-        for part in table["partitions"]:
-            part["node"] = str(path) + part["node"].removeprefix(dev.path).lstrip("p")
-    return table
-
-
-def kernel_view(table: dict[str, Any]) -> list[Span]:
-    """sfdisk's partitions as the kernel registers them: an extended partition is a
-    stub of one logical block but at least 1 KiB (msdos.c msdos_partition())."""
-    ss = table.get("sectorsize", 512)
-    spans = []
-    for part in table["partitions"]:
-        number = int(re.sub(r".*\D", "", part["node"]))
-        start, size = part["start"] * ss, part["size"] * ss
-        if table["label"] == "dos" and part["type"] in ("5", "f", "85"):
-            size = min(size, max(ss, 1024))
-        spans.append((number, start, size))
-    return sorted(spans)
-
-
-def patch(path: Path, offset: int, data: bytes) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        f.write(data)
-
-
-def read_at(path: Path, offset: int, length: int) -> bytes:
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return f.read(length)
-
-
-def mbr_entry(path: Path, sector: int, slot: int, entry: tuple[int, int, int, int]) -> None:
-    """Set entry ``slot`` (0-3) of the MBR/EBR at 512-byte ``sector``: flag, type, LBA, count."""
-    boot, ptype, lba, count = entry
-    raw = struct.pack("<B3sB3sII", boot, b"\xfe\xff\xff", ptype, b"\xfe\xff\xff", lba, count)
-    patch(path, sector * 512 + 446 + 16 * slot, raw)
-
-
 def ebr_entries(path: Path, sector: int) -> list[tuple[int, int, int, int]]:
     raw = read_at(path, sector * 512, 512)
     return [struct.unpack_from("<B3xB3xII", raw, 446 + 16 * i) for i in range(4)]
 
 
-def gpt_fix(path: Path, lba: int, ss: int = 512, **fields: int) -> None:
-    """Set header fields of the GPT header at ``lba`` and recompute both of its CRCs."""
-    header = list(HEADER.unpack(read_at(path, lba * ss, HEADER.size)))
-    for name, value in fields.items():
-        header[globals()[name.upper()]] = value
-    entries_lba, count, entry_size = header[ENTRIES_LBA], header[COUNT], header[ENTRY_SIZE]
-    length = count * entry_size
-    if length <= 4 * MiB:
-        header[13] = zlib.crc32(read_at(path, entries_lba * ss, length).ljust(length, b"\0"))
-    header[3] = 0
-    raw = bytearray(HEADER.pack(*header))
-    struct.pack_into("<I", raw, 16, zlib.crc32(raw[: header[2]]))
-    patch(path, lba * ss, bytes(raw))
-
-
 def gpt_entry(path: Path, index: int, first: int | None = None, last: int | None = None) -> None:
     """Change entry ``index`` in both entry arrays of a 512-byte GPT, CRCs fixed."""
-    backup = os.path.getsize(path) // 512 - 1
-    for lba in (1, backup):
-        array = HEADER.unpack(read_at(path, lba * 512, HEADER.size))[ENTRIES_LBA]
-        at = array * 512 + index * 128
-        if first is not None:
-            patch(path, at + 32, struct.pack("<Q", first))
-        if last is not None:
-            patch(path, at + 40, struct.pack("<Q", last))
-        gpt_fix(path, lba)
+    if first is not None:
+        set_gpt_entry(path, index, 32, struct.pack("<Q", first))
+    if last is not None:
+        set_gpt_entry(path, index, 40, struct.pack("<Q", last))
 
 
 # --- the cases -----------------------------------------------------------------------
@@ -179,7 +97,7 @@ GPT = "label: gpt\n{0}1 : size=4M, name=one\n{0}2 : size=4M, name=two\n{0}4 : si
 
 def gpt(tmp: Path, size: int = 32 * MiB) -> tuple[Path, dict[str, Any]]:
     path = tmp / "gpt.img"
-    return path, sfdisk(path, GPT.format(path), size)
+    return path, sfdisk_image(path, GPT.format(path), size)
 
 
 @rule("gpt-numbering")
@@ -187,14 +105,14 @@ def _(tmp: Path) -> Expect:
     # efi.c efi_partition(): partition number = entry index + 1; unused
     # entries (zero type GUID) are skipped and their numbers not reused.
     path, table = gpt(tmp)
-    return Expect(path, 512, kernel_view(table))
+    return Expect(path, 512, kernel_spans(table))
 
 
 @rule("gpt-no-protective-mbr")
 def _(tmp: Path) -> Expect:
     # efi.c is_pmbr_valid(): no 0x55AA, no GPT (unless booted with "gpt").
     path, _ = gpt(tmp)
-    patch(path, 0, bytes(512))
+    write_at(path, 0, bytes(512))
     return Expect(path, 512, None, error="no protective MBR")
 
 
@@ -203,7 +121,7 @@ def _(tmp: Path) -> Expect:
     # efi.c pmbr_part_valid(): the 0xee entry must start at LBA 1; msdos.c
     # then ignores the MBR because of its 0xee entry.
     path, _ = gpt(tmp)
-    mbr_entry(path, 0, 0, (0, 0xEE, 2, 65534))
+    set_mbr_entry(path, 0, 0, (0, 0xEE, 2, 65534))
     return Expect(path, 512, None, error="does not start at LBA 1")
 
 
@@ -211,15 +129,15 @@ def _(tmp: Path) -> Expect:
 def _(tmp: Path) -> Expect:
     # efi.c is_pmbr_valid(): other entries beside 0xee make a hybrid MBR, still GPT.
     path, table = gpt(tmp)
-    mbr_entry(path, 0, 1, (0x80, 0x0C, 2048, 8192))
-    return Expect(path, 512, kernel_view(table))
+    set_mbr_entry(path, 0, 1, (0x80, 0x0C, 2048, 8192))
+    return Expect(path, 512, kernel_spans(table))
 
 
 @rule("gpt-bad-primary-good-backup")
 def _(tmp: Path) -> Expect:
     # efi.c find_valid_gpt(): the backup is used only with the "gpt" boot option.
     path, _ = gpt(tmp)
-    patch(path, 512 + 16, b"\xff\xff\xff\xff")  # header CRC
+    write_at(path, 512 + 16, b"\xff\xff\xff\xff")  # header CRC
     return Expect(path, 512, None, error=r"header CRC32 .* backup header at LBA 65535 is intact")
 
 
@@ -227,8 +145,8 @@ def _(tmp: Path) -> Expect:
 def _(tmp: Path) -> Expect:
     # find_valid_gpt(): a good primary is used whatever the backup says.
     path, table = gpt(tmp)
-    patch(path, 32 * MiB - 512 + 16, b"\xff\xff\xff\xff")
-    return Expect(path, 512, kernel_view(table))
+    write_at(path, 32 * MiB - 512 + 16, b"\xff\xff\xff\xff")
+    return Expect(path, 512, kernel_spans(table))
 
 
 @rule("gpt-my-lba")
@@ -252,7 +170,7 @@ def _(tmp: Path) -> Expect:
     # The backup is no longer at the end: only compare_gpts() notices (a log line).
     path, table = gpt(tmp)
     os.truncate(path, 48 * MiB)
-    return Expect(path, 512, kernel_view(table))
+    return Expect(path, 512, kernel_spans(table))
 
 
 @rule("gpt-entry-size-256")
@@ -292,7 +210,7 @@ def _(tmp: Path) -> Expect:
     # efi.c is_pte_valid() checks entries against the disk, not the usable LBAs.
     path, table = gpt(tmp)
     gpt_entry(path, 0, first=40)
-    kernel = [(1, 40 * 512, (10240 - 40) * 512), *kernel_view(table)[1:]]
+    kernel = [(1, 40 * 512, (10240 - 40) * 512), *kernel_spans(table)[1:]]
     return Expect(path, 512, kernel)
 
 
@@ -301,7 +219,7 @@ def _(tmp: Path) -> Expect:
     # is_pte_valid(): an entry ending past the last LBA is skipped.
     path, table = gpt(tmp)
     gpt_entry(path, 1, last=70000)
-    kernel = [s for s in kernel_view(table) if s[0] != 2]
+    kernel = [s for s in kernel_spans(table) if s[0] != 2]
     return Expect(path, 512, kernel, notes=("GPT partition 2 .* ends past the last LBA 65535",))
 
 
@@ -309,7 +227,7 @@ def _(tmp: Path) -> Expect:
 def _(tmp: Path) -> Expect:
     path, table = gpt(tmp)
     gpt_entry(path, 1, last=10000)
-    kernel = [s for s in kernel_view(table) if s[0] != 2]
+    kernel = [s for s in kernel_spans(table) if s[0] != 2]
     return Expect(path, 512, kernel, notes=("GPT partition 2 .* ends at LBA 10000, before",))
 
 
@@ -318,7 +236,7 @@ def _(tmp: Path) -> Expect:
     # efi.c checks no overlaps; BLKPG refuses them (EBUSY): partition 2 is left out.
     path, table = gpt(tmp)
     gpt_entry(path, 1, first=8000)
-    p1, _, p4 = kernel_view(table)
+    p1, _, p4 = kernel_spans(table)
     return Expect(
         path,
         512,
@@ -337,12 +255,12 @@ def _(tmp: Path) -> Expect:
     script = "label: gpt\ntable-length: 300\n" + "".join(
         f"start={2048 + 64 * i}, size=64\n" for i in range(300)
     )
-    table = sfdisk(path, script)
+    table = sfdisk_image(path, script)
     assert len(table["partitions"]) == 300
     return Expect(
         path,
         512,
-        kernel_view(table)[:255],
+        kernel_spans(table)[:255],
         notes=(r"45 GPT partitions numbered above 255 \(256, 257, \.\.\., 300\) are not",),
     )
 
@@ -352,7 +270,7 @@ def _(tmp: Path) -> Expect:
     path = tmp / "gpt4k.img"
     table = sfdisk_4k(path, GPT.format(path))
     assert table["sectorsize"] == 4096
-    return Expect(path, 4096, kernel_view(table))
+    return Expect(path, 4096, kernel_spans(table))
 
 
 @rule("gpt-4096-on-512")
@@ -380,7 +298,7 @@ EBR5, EBR6 = 18432, 30720
 
 def dos(tmp: Path, script: str = DOS, size: int = 32 * MiB) -> tuple[Path, dict[str, Any]]:
     path = tmp / "dos.img"
-    table = sfdisk(path, script.format(path), size)
+    table = sfdisk_image(path, script.format(path), size)
     return path, table
 
 
@@ -390,7 +308,7 @@ def _(tmp: Path) -> Expect:
     # logicals count from 5, the extended partition is a 1 KiB stub.
     path, table = dos(tmp)
     assert ebr_entries(path, EBR6)[0][1] == 0x07  # sfdisk put the second EBR there
-    kernel = kernel_view(table)
+    kernel = kernel_spans(table)
     assert [s[0] for s in kernel] == [1, 3, 4, 5, 6] and kernel[2][2] == 1024
     return Expect(path, 512, kernel)
 
@@ -399,8 +317,8 @@ def _(tmp: Path) -> Expect:
 def _(tmp: Path) -> Expect:
     # msdos.c: an entry of 0 sectors is skipped whatever its type.
     path, table = dos(tmp)
-    mbr_entry(path, 0, 1, (0, 0x83, 5000, 0))
-    return Expect(path, 512, kernel_view(table))
+    set_mbr_entry(path, 0, 1, (0, 0x83, 5000, 0))
+    return Expect(path, 512, kernel_spans(table))
 
 
 @rule("dos-logical-next-to-its-ebr")
@@ -412,8 +330,8 @@ def _(tmp: Path) -> Expect:
         f"label: dos\n{path}1 : start=2048, size=4M, type=83\n{path}2 : size=12M, type=5\n"
         f"{path}5 : start=10241, size=2M, type=83\n{path}6 : size=2M\n"
     )
-    table = sfdisk(path, script)
-    kernel = kernel_view(table)
+    table = sfdisk_image(path, script)
+    kernel = kernel_spans(table)
     assert kernel[1] == (2, 10240 * 512, 1024) and kernel[2][1] == 10241 * 512
     planned = [kernel[0], (2, 10240 * 512, 512), *kernel[2:]]
     notes = ("extended partition 2 is registered with 512 bytes instead of 1024",)
@@ -430,7 +348,7 @@ def _(tmp: Path) -> Expect:
     # disk is truncated to it (with a warning), not refused.
     path, table = dos(tmp, SHRINK)
     os.truncate(path, 20 * MiB)
-    p1, p2, _ = kernel_view(table)
+    p1, p2, _ = kernel_spans(table)
     return Expect(
         path,
         512,
@@ -447,7 +365,7 @@ def _(tmp: Path) -> Expect:
     return Expect(
         path,
         512,
-        [kernel_view(table)[0], (2, 10240 * 512, (24576 - 10240) * 512)],
+        [kernel_spans(table)[0], (2, 10240 * 512, (24576 - 10240) * 512)],
         notes=("MBR partition 2 .* truncated", "MBR partition 3 is not registered: it starts"),
     )
 
@@ -461,7 +379,7 @@ def _(tmp: Path) -> Expect:
         f"{path}4 : size=12M, type=5\n{path}5 : size=3M\n{path}6 : size=2M, type=7\n"
     )
     table = sfdisk_4k(path, script)
-    kernel = kernel_view(table)
+    kernel = kernel_spans(table)
     assert kernel[2][2] == 4096
     return Expect(path, 4096, kernel)
 
@@ -474,7 +392,7 @@ def _(tmp: Path) -> Expect:
     script = f"label: dos\n{path}1 : start=256, size=8M\n{path}2 : size=8M\n"
     table = sfdisk_4k(path, script)
     os.truncate(path, 12 * MiB + 512)
-    p1, _ = kernel_view(table)
+    p1, _ = kernel_spans(table)
     return Expect(
         path,
         4096,
@@ -489,8 +407,8 @@ def _(tmp: Path) -> Expect:
 def _(tmp: Path) -> Expect:
     # msdos.c checks no overlaps; BLKPG refuses them.
     path, table = dos(tmp, SHRINK)
-    mbr_entry(path, 0, 1, (0, 0x83, 8000, 16384))
-    p1, _, p3 = kernel_view(table)
+    set_mbr_entry(path, 0, 1, (0, 0x83, 8000, 16384))
+    p1, _, p3 = kernel_spans(table)
     return Expect(
         path,
         512,
@@ -503,16 +421,16 @@ def _(tmp: Path) -> Expect:
 @rule("dos-partition-at-sector-0")
 def _(tmp: Path) -> Expect:
     path, table = dos(tmp, SHRINK)
-    mbr_entry(path, 0, 0, (0, 0x83, 0, 2048))
-    return Expect(path, 512, [(1, 0, MiB), *kernel_view(table)[1:]])
+    set_mbr_entry(path, 0, 0, (0, 0x83, 0, 2048))
+    return Expect(path, 512, [(1, 0, MiB), *kernel_spans(table)[1:]])
 
 
 @rule("dos-logical-outside-extended")
 def _(tmp: Path) -> Expect:
     # msdos.c parse_extended(): slots 1 and 2 of an EBR are taken as they are.
     path, table = dos(tmp)
-    mbr_entry(path, EBR5, 0, (0, 0x83, 30000, 100))
-    kernel = [s if s[0] != 5 else (5, (EBR5 + 30000) * 512, 100 * 512) for s in kernel_view(table)]
+    set_mbr_entry(path, EBR5, 0, (0, 0x83, 30000, 100))
+    kernel = [s if s[0] != 5 else (5, (EBR5 + 30000) * 512, 100 * 512) for s in kernel_spans(table)]
     return Expect(path, 512, kernel)
 
 
@@ -521,19 +439,19 @@ def _(tmp: Path) -> Expect:
     # parse_extended() follows any link; here to zeros: the chain ends.
     path, table = dos(tmp)
     link = ebr_entries(path, EBR5)[1]
-    mbr_entry(path, EBR5, 1, (link[0], link[1], 40000, 1))
-    return Expect(path, 512, [s for s in kernel_view(table) if s[0] != 6])
+    set_mbr_entry(path, EBR5, 1, (link[0], link[1], 40000, 1))
+    return Expect(path, 512, [s for s in kernel_spans(table) if s[0] != 6])
 
 
 @rule("dos-ebr-without-signature")
 def _(tmp: Path) -> Expect:
     # parse_extended(): an EBR without 0x55AA ends the chain.
     path, table = dos(tmp)
-    patch(path, EBR6 * 512 + 510, b"\0\0")
+    write_at(path, EBR6 * 512 + 510, b"\0\0")
     return Expect(
         path,
         512,
-        [s for s in kernel_view(table) if s[0] != 6],
+        [s for s in kernel_spans(table) if s[0] != 6],
         notes=(f"EBR at byte {EBR6 * 512} .* no 0x55AA signature",),
     )
 
@@ -544,8 +462,8 @@ def _(tmp: Path) -> Expect:
     # the kernel register 5 and 6 again as 7, 8, ... up to 255. BLKPG keeps
     # the first copy of each.
     path, table = dos(tmp)
-    mbr_entry(path, EBR6, 1, (0, 0x05, 0, 1))
-    base = kernel_view(table)
+    set_mbr_entry(path, EBR6, 1, (0, 0x05, 0, 1))
+    base = kernel_spans(table)
     p5, p6 = base[3][1:], base[4][1:]
     again = [(n, *(p5 if n % 2 else p6)) for n in range(5, 256)]
     return Expect(
@@ -564,7 +482,7 @@ def _(tmp: Path) -> Expect:
 def _(tmp: Path) -> Expect:
     # msdos.c: a boot indicator other than 0x00/0x80 means no partition table.
     path, _ = dos(tmp)
-    patch(path, 446, b"\x41")
+    write_at(path, 446, b"\x41")
     return Expect(path, 512, None)
 
 
@@ -572,7 +490,7 @@ def _(tmp: Path) -> Expect:
 def _(tmp: Path) -> Expect:
     # msdos.c skips an MBR with a 0xee entry; efi.c refuses it (not at LBA 1).
     path, _ = dos(tmp)
-    mbr_entry(path, 0, 1, (0, 0xEE, 5, 1))
+    set_mbr_entry(path, 0, 1, (0, 0xEE, 5, 1))
     return Expect(path, 512, None, error="does not start at LBA 1")
 
 
@@ -633,7 +551,7 @@ def test_attach_registers_what_the_kernel_would(
             loopdev.attach(want.path, partscan=True, block_size=want.block_size)
         assert info.value.backing == str(want.path)
         assert (info.value.device or "").startswith("/dev/loop")
-        from conftest import wait_unbound
+        from helpers import wait_unbound
 
         assert wait_unbound(str(tmp_path)) == []
         return
@@ -676,7 +594,7 @@ def test_gpt_sector_size_of_sfdisk_images(tmp_path: Path, devices: None) -> None
         finally:
             os.close(fd)
     # A header that fails its CRC is not taken for a GPT.
-    patch(gpt512, 512 + 16, b"\xff\xff\xff\xff")
+    write_at(gpt512, 512 + 16, b"\xff\xff\xff\xff")
     fd = os.open(gpt512, os.O_RDONLY | os.O_CLOEXEC)
     try:
         assert gpt_sector_size(fd, 0, 32 * MiB) is None

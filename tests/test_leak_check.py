@@ -23,11 +23,11 @@ from helpers import (
     child_argv,
     in_private_mount,
     leaked_devices,
-    make_image,
     poll,
     register_backing,
     release,
 )
+from images import make_image
 
 
 def _bind_in_namespace(mount: list[str], target: Path, path: Path, name: str) -> dict[str, int]:

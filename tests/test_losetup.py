@@ -21,7 +21,8 @@ from pathlib import Path
 
 import nsrun
 import pytest
-from helpers import gpt_image, make_image, register_backing
+from helpers import register_backing
+from images import gpt_image, make_image
 
 MiB = 1 << 20
 SCRIPT = Path(__file__).resolve().parent / "losetup_forms.sh"

@@ -3,53 +3,36 @@
 from __future__ import annotations
 
 import errno
-import json
 import os
-import shutil
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from images import (
+    GPT3,
+    kernel_spans,
+    make_image,
+    mbr_entry,
+    needs_sfdisk,
+    sfdisk_4k,
+    sfdisk_image,
+)
 
 import loopdev
 from loopdev import LoopControl, PartitionTableError, _native
 from loopdev.compat import Loop
 from loopdev.partitions import list_partitions
 
-SFDISK = shutil.which("sfdisk")
-pytestmark = pytest.mark.skipif(SFDISK is None, reason="sfdisk (Debian package fdisk) missing")
+pytestmark = needs_sfdisk
 
-GPT3 = "label: gpt\nsize=4M, type=L, name=root\nsize=8M, type=L, name=data\nsize=2M, type=S\n"
 MBR = "label: dos\n,4M,83\n,4M,83\n,12M,5\n,3M,83\n"
-
-
-def make_image(path: Path, script: str, size: int = 32 << 20) -> dict[str, Any]:
-    with open(path, "wb") as f:
-        f.truncate(size)
-    subprocess.run([SFDISK, "-q", str(path)], input=script, text=True, check=True)
-    return sfdisk_json(path)
-
-
-def sfdisk_json(path: Path | str) -> dict[str, Any]:
-    out = subprocess.run([SFDISK, "--json", str(path)], capture_output=True, text=True, check=True)
-    table: dict[str, Any] = json.loads(out.stdout)["partitiontable"]
-    return table
 
 
 def expected_spans(table: dict[str, Any]) -> dict[int, tuple[int, int]]:
     """Partition number -> (start, size) in bytes, as the kernel registers them."""
-    ss = table.get("sectorsize", 512)
-    spans = {}
-    for part in table["partitions"]:
-        number = int("".join(ch for ch in part["node"][len(table["device"]) :] if ch.isdigit()))
-        size = part["size"] * ss
-        if table["label"] == "dos" and part["type"] in ("5", "f", "85"):
-            size = min(size, max(ss, 1024))  # the kernel registers an extended partition as 1 KiB
-        spans[number] = (part["start"] * ss, size)
-    return spans
+    return {number: (start, size) for number, start, size in kernel_spans(table)}
 
 
 def registered(minor: int) -> dict[int, tuple[int, int]]:
@@ -68,25 +51,20 @@ def in_proc_partitions(minor: int) -> list[str]:
 @pytest.fixture
 def gpt_image(tmp_path: Path, devices: None) -> tuple[Path, dict[str, Any]]:
     path = tmp_path / "gpt.img"
-    return path, make_image(path, GPT3)
+    return path, sfdisk_image(path, GPT3)
 
 
 @pytest.fixture
 def mbr_image(tmp_path: Path, devices: None) -> tuple[Path, dict[str, Any]]:
     path = tmp_path / "mbr.img"
-    return path, make_image(path, MBR)
+    return path, sfdisk_image(path, MBR)
 
 
 @pytest.fixture
-def gpt4k_image(tmp_path: Path, devices: None) -> Iterator[tuple[Path, dict[str, Any]]]:
+def gpt4k_image(tmp_path: Path, devices: None) -> tuple[Path, dict[str, Any]]:
     """A GPT with 4096-byte sectors, written by sfdisk through a 4096-byte loop device."""
     path = tmp_path / "gpt4k.img"
-    with open(path, "wb") as f:
-        f.truncate(32 << 20)
-    with loopdev.attach(path, block_size=4096) as dev:
-        subprocess.run([SFDISK, "-q", dev.path], input=GPT3, text=True, check=True)
-        table = sfdisk_json(dev.path)
-    yield path, table
+    return path, sfdisk_4k(path, GPT3)
 
 
 @pytest.mark.parametrize("fixture", ["gpt_image", "mbr_image"])
@@ -149,9 +127,7 @@ def test_marker_lands_at_partition_offset(gpt_image: tuple[Path, dict[str, Any]]
 
 def rebound_partitions(minor: int, tmp_path: Path) -> dict[int, tuple[int, int]] | None:
     """Bind ``minor`` to a plain file; its partitions, or None if another process has it."""
-    plain = tmp_path / "plain.img"
-    with open(plain, "wb") as f:
-        f.truncate(32 << 20)
+    plain = make_image(tmp_path / "plain.img", 32 << 20)
     fd = os.open(plain, os.O_RDWR | os.O_CLOEXEC)
     try:
         try:
@@ -254,7 +230,7 @@ def test_corrupt_primary_gpt_is_refused_like_the_kernel(
         loopdev.attach(path, partscan=True)
     assert info.value.backing == str(path)
     assert (info.value.device or "").startswith("/dev/loop")
-    from conftest import wait_unbound
+    from helpers import wait_unbound
 
     assert wait_unbound(str(path)) == []
 
@@ -280,11 +256,10 @@ def test_bad_tables_register_nothing(
         _corrupt(
             path,
             446,
-            bytes([0, 1, 1, 0, 0xEE, 0xFE, 0xFF, 0xFF, 1, 0, 0, 0])
-            + (size // 512 - 1).to_bytes(4, "little"),
+            mbr_entry(0, 0xEE, 1, size // 512 - 1),
         )
     with pytest.raises(PartitionTableError):
         loopdev.attach(path, partscan=True)
-    from conftest import wait_unbound
+    from helpers import wait_unbound
 
     assert wait_unbound(str(path)) == []

@@ -6,26 +6,45 @@ attached to loop devices.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import itertools
-import json
 import os
 import pickle
 import random
 import re
 import shutil
 import struct
-import subprocess
-import uuid
-import zlib
-from collections.abc import Iterator
 from pathlib import Path
-from typing import TypedDict
+from typing import Any
 
 import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
+from images import (
+    DISK_GUID,
+    EBRS,
+    ESP,
+    EXT_LBA,
+    FDISK,
+    GPT_LAYOUT,
+    LINUX,
+    MBR_SIZE,
+    SFDISK,
+    SWAP,
+    Img,
+    fix_gpt_crcs,
+    gpt_by_hand,
+    gpt_lbas,
+    make_image,
+    mbr_by_hand,
+    mbr_sector,
+    needs_sfdisk,
+    part_uuid,
+    run,
+    set_gpt_entry,
+    set_mbr_entry,
+    sfdisk,
+)
 
 from loopdev.errors import PartitionTableError
 from loopdev.partitions import blkpg_plan
@@ -35,75 +54,12 @@ KiB = 1 << 10
 MiB = 1 << 20
 
 _TOOL_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
-SFDISK = shutil.which("sfdisk", path=_TOOL_PATH)
-FDISK = shutil.which("fdisk", path=_TOOL_PATH)
 MKFS_EXT4 = shutil.which("mkfs.ext4", path=_TOOL_PATH)
 MKFS_FAT = shutil.which("mkfs.fat", path=_TOOL_PATH)
-needs_sfdisk = pytest.mark.skipif(SFDISK is None, reason="sfdisk (util-linux) not installed")
-
-LINUX = "0fc63daf-8483-4772-8e79-3d69d8477de4"
-SWAP = "0657fd6d-a4ab-43c4-84e5-0933c84b4f4f"
-ESP = "c12a7328-f81f-11d2-ba4b-00a0c93ec93b"
-DISK_GUID = "01234567-89ab-cdef-0011-223344556677"
 EXTENDED_TYPES = ("0x05", "0x0f", "0x85")
-HEADER = struct.Struct("<8sIIIIQQQQ16sQIII")
 
 # Hypothesis: bounded and leaving nothing behind (no example database).
 FUZZ = settings(max_examples=200, deadline=None, database=None)
-
-
-# --- in-memory sparse images ---------------------------------------------------
-
-
-class Img:
-    """A sparse disk image kept as 512-byte sectors; materialised as a memfd."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.sectors: dict[int, bytearray] = {}
-
-    def copy(self) -> Img:
-        new = Img(self.size)
-        new.sectors = {index: bytearray(data) for index, data in self.sectors.items()}
-        return new
-
-    def write(self, offset: int, data: bytes) -> None:
-        pos = 0
-        while pos < len(data):
-            index, within = divmod(offset + pos, 512)
-            n = min(512 - within, len(data) - pos)
-            sector = self.sectors.setdefault(index, bytearray(512))
-            sector[within : within + n] = data[pos : pos + n]
-            pos += n
-
-    def read(self, offset: int, length: int) -> bytes:
-        out = bytearray()
-        while len(out) < length:
-            index, within = divmod(offset + len(out), 512)
-            n = min(512 - within, length - len(out))
-            sector = self.sectors.get(index)
-            out += sector[within : within + n] if sector is not None else bytes(n)
-        return bytes(out)
-
-    @contextlib.contextmanager
-    def fd(self) -> Iterator[int]:
-        fd = os.memfd_create("parttable-test")
-        try:
-            os.ftruncate(fd, self.size)
-            for index, data in self.sectors.items():
-                if index * 512 < self.size:
-                    os.pwrite(fd, data[: self.size - index * 512], index * 512)
-            yield fd
-        finally:
-            os.close(fd)
-
-    def save(self, path: Path) -> Path:
-        with open(path, "wb") as f:
-            f.truncate(self.size)
-            for index, data in self.sectors.items():
-                f.seek(index * 512)
-                f.write(data)
-        return path
 
 
 def read_img(img: Img, sector_size: int | None = None) -> PartitionTable | None:
@@ -160,96 +116,6 @@ def fields(p: Partition) -> tuple[object, ...]:
 # --- hand-made GPT -------------------------------------------------------------
 
 
-def mbr_sector(entries: list[tuple[int, int, int, int]], disk_id: int = 0) -> bytes:
-    """An MBR/EBR sector from (boot flag, type, first LBA, sectors) entries."""
-    sector = bytearray(512)
-    struct.pack_into("<I", sector, 440, disk_id)
-    for slot, (boot, ptype, lba, count) in enumerate(entries):
-        if ptype or count:
-            struct.pack_into(
-                "<B3sB3sII",
-                sector,
-                446 + 16 * slot,
-                boot,
-                b"\xfe\xff\xff",
-                ptype,
-                b"\xfe\xff\xff",
-                lba,
-                count,
-            )
-    sector[510:512] = b"\x55\xaa"
-    return bytes(sector)
-
-
-def guid_le(text: str) -> bytes:
-    return uuid.UUID(text).bytes_le
-
-
-def part_uuid(number: int) -> str:
-    return f"{number:08x}-aaaa-4bbb-8ccc-{number:012x}"
-
-
-# (number, start byte, size in bytes, type, label)
-GPT_LAYOUT = [
-    (1, 1 * MiB, 1 * MiB, LINUX, "root"),
-    (2, 2 * MiB, 1 * MiB, SWAP, "swap space"),
-    (4, 3 * MiB, 512 * KiB, ESP, "ünïcødé ✓"),
-]
-
-
-def gpt_image(
-    size: int = 4 * MiB,
-    ss: int = 512,
-    layout: list[tuple[int, int, int, str, str]] = GPT_LAYOUT,
-    count: int = 128,
-) -> Img:
-    """A GPT as UEFI lays it out: primary at LBA 1, backup at the last LBA."""
-    img = Img(size)
-    last_lba = size // ss - 1
-    array_lbas = -(-count * 128 // ss)
-    first_usable, last_usable = 2 + array_lbas, last_lba - 1 - array_lbas
-    array = bytearray(count * 128)
-    for number, start, length, ptype, label in layout:
-        struct.pack_into(
-            "<16s16sQQQ72s",
-            array,
-            (number - 1) * 128,
-            guid_le(ptype),
-            guid_le(part_uuid(number)),
-            start // ss,
-            (start + length) // ss - 1,
-            0,
-            label.encode("utf-16-le"),
-        )
-    img.write(0, mbr_sector([(0, 0xEE, 1, min(last_lba, 0xFFFFFFFF))]))
-    for my_lba, alternate, array_lba in (
-        (1, last_lba, 2),
-        (last_lba, 1, last_usable + 1),
-    ):
-        img.write(array_lba * ss, bytes(array))
-        header = bytearray(
-            HEADER.pack(
-                b"EFI PART",
-                0x10000,
-                92,
-                0,
-                0,
-                my_lba,
-                alternate,
-                first_usable,
-                last_usable,
-                guid_le(DISK_GUID),
-                array_lba,
-                count,
-                128,
-                zlib.crc32(array),
-            )
-        )
-        struct.pack_into("<I", header, 16, zlib.crc32(header))
-        img.write(my_lba * ss, bytes(header))
-    return img
-
-
 def gpt_expected(size: int = 4 * MiB, ss: int = 512) -> PartitionTable:
     return PartitionTable(
         "gpt",
@@ -262,62 +128,7 @@ def gpt_expected(size: int = 4 * MiB, ss: int = 512) -> PartitionTable:
     )
 
 
-def header_lbas(img: Img, ss: int) -> tuple[int, int]:
-    return 1, img.size // ss - 1
-
-
-def fix_gpt_crcs(img: Img, ss: int) -> None:
-    """Recompute both GPT CRCs so that only the semantic checks can object."""
-    for lba in header_lbas(img, ss):
-        raw = img.read(lba * ss, 92)
-        if raw[:8] != b"EFI PART":
-            continue
-        header_size = struct.unpack_from("<I", raw, 12)[0]
-        if not 92 <= header_size <= ss:
-            continue
-        array_lba, count, entry_size = struct.unpack_from("<QII", raw, 72)
-        length = count * entry_size
-        if length <= 4 * MiB and array_lba * ss + length <= img.size:
-            img.write(
-                lba * ss + 88,
-                struct.pack("<I", zlib.crc32(img.read(array_lba * ss, length))),
-            )
-        header = bytearray(img.read(lba * ss, header_size))
-        header[16:20] = bytes(4)
-        img.write(lba * ss + 16, struct.pack("<I", zlib.crc32(header)))
-
-
-def set_gpt_entry(img: Img, ss: int, index: int, offset: int, value: bytes) -> None:
-    """Patch entry ``index`` at ``offset`` in both arrays, then fix the CRCs."""
-    for lba in header_lbas(img, ss):
-        array_lba = struct.unpack_from("<Q", img.read(lba * ss + 72, 8))[0]
-        img.write(array_lba * ss + index * 128 + offset, value)
-    fix_gpt_crcs(img, ss)
-
-
 # --- hand-made MBR ---------------------------------------------------------------
-
-MBR_SIZE = 8 * MiB
-EXT_LBA = 6144  # extended partition: LBAs 6144..14335
-EBRS = (6144, 9216, 12288)
-
-
-def mbr_image() -> Img:
-    """Two primaries, an extended partition and three chained logicals."""
-    img = Img(MBR_SIZE)
-    img.write(
-        0,
-        mbr_sector(
-            [(0x80, 0x83, 2048, 2048), (0, 0x82, 4096, 2048), (0, 0x0F, EXT_LBA, 8192)],
-            disk_id=0xDEADBEEF,
-        ),
-    )
-    # Data entries are relative to their EBR, links to the extended partition.
-    img.write(EBRS[0] * 512, mbr_sector([(0, 0x83, 2048, 1024), (0, 0x05, 3072, 4096)]))
-    img.write(EBRS[1] * 512, mbr_sector([(0, 0x07, 1024, 1024), (0, 0x05, 6144, 2048)]))
-    img.write(EBRS[2] * 512, mbr_sector([(0x80, 0x83, 1, 2047)]))
-    return img
-
 
 MBR_EXPECTED = PartitionTable(
     "dos",
@@ -334,57 +145,10 @@ MBR_EXPECTED = PartitionTable(
 )
 
 
-def set_mbr_entry(img: Img, sector_lba: int, slot: int, entry: tuple[int, int, int, int]) -> None:
-    boot, ptype, lba, count = entry
-    img.write(
-        sector_lba * 512 + 446 + 16 * slot,
-        struct.pack("<B3sB3sII", boot, b"\xfe\xff\xff", ptype, b"\xfe\xff\xff", lba, count),
-    )
-
-
 # --- sfdisk ----------------------------------------------------------------------
 
 
-def blank(path: Path, size: int) -> Path:
-    with open(path, "wb") as f:
-        f.truncate(size)
-    return path
-
-
-def run(*argv: str, stdin: str = "") -> str:
-    env = {**os.environ, "LC_ALL": "C"}
-    done = subprocess.run(argv, input=stdin, text=True, capture_output=True, env=env, check=False)
-    assert done.returncode == 0, f"{argv}: {done.stderr}"
-    return done.stdout
-
-
-class SfdiskPartition(TypedDict, total=False):
-    node: str
-    start: int
-    size: int
-    type: str
-    uuid: str
-    name: str
-    bootable: bool
-
-
-class SfdiskTable(TypedDict, total=False):
-    label: str
-    id: str
-    sectorsize: int
-    partitions: list[SfdiskPartition]
-
-
-def sfdisk(image: Path, script: str, *options: str) -> SfdiskTable:
-    """Partition ``image`` with an sfdisk script; return ``sfdisk --json``."""
-    assert SFDISK is not None
-    run(SFDISK, "--quiet", *options, str(image), stdin=script)
-    dump = json.loads(run(SFDISK, *options, "--json", str(image)))
-    table: SfdiskTable = dump["partitiontable"]
-    return table
-
-
-def from_sfdisk(table: SfdiskTable, image: Path) -> tuple[tuple[object, ...], ...]:
+def from_sfdisk(table: dict[str, Any], image: Path) -> tuple[tuple[object, ...], ...]:
     """sfdisk's view of ``image`` converted to Partition fields.
 
     sfdisk reports an extended partition with its full size, the kernel (and
@@ -418,7 +182,7 @@ def from_sfdisk(table: SfdiskTable, image: Path) -> tuple[tuple[object, ...], ..
 
 @needs_sfdisk
 def test_gpt_three_named_partitions_match_sfdisk(tmp_path: Path) -> None:
-    image = blank(tmp_path / "disk.img", 8 * MiB)
+    image = make_image(tmp_path / "disk.img", 8 * MiB)
     js = sfdisk(
         image,
         "label: gpt\n"
@@ -440,7 +204,7 @@ def test_gpt_three_named_partitions_match_sfdisk(tmp_path: Path) -> None:
 
 @needs_sfdisk
 def test_mbr_primaries_extended_logicals_match_sfdisk(tmp_path: Path) -> None:
-    image = blank(tmp_path / "disk.img", 8 * MiB)
+    image = make_image(tmp_path / "disk.img", 8 * MiB)
     js = sfdisk(
         image,
         "label: dos\nlabel-id: 0x12345678\n"
@@ -474,7 +238,7 @@ def _sfdisk_has_sector_size() -> bool:
 
 @needs_sfdisk
 def test_gpt_4096_byte_sectors(tmp_path: Path) -> None:
-    image = blank(tmp_path / "disk.img", 16 * MiB)
+    image = make_image(tmp_path / "disk.img", 16 * MiB)
     if _sfdisk_has_sector_size():
         js = sfdisk(
             image,
@@ -547,7 +311,7 @@ def test_gpt_4096_byte_sectors(tmp_path: Path) -> None:
 
 @needs_sfdisk
 def test_gpt_128_partitions_match_sfdisk(tmp_path: Path) -> None:
-    image = blank(tmp_path / "disk.img", 12 * MiB)
+    image = make_image(tmp_path / "disk.img", 12 * MiB)
     script = "label: gpt\n" + "".join(
         f'start={2048 + i * 128}, size=128, type=L, name="part{i + 1}"\n' for i in range(128)
     )
@@ -563,7 +327,7 @@ def test_gpt_128_partitions_match_sfdisk(tmp_path: Path) -> None:
 def test_sfdisk_gpt_with_broken_primary_is_refused(tmp_path: Path) -> None:
     # efi.c find_valid_gpt(): without the "gpt" boot option the kernel never
     # uses the backup instead of the primary.
-    image = blank(tmp_path / "disk.img", 8 * MiB)
+    image = make_image(tmp_path / "disk.img", 8 * MiB)
     sfdisk(image, 'label: gpt\nsize=1M, name="a"\nsize=2M, name="b"\n')
     with open(image, "r+b") as f:
         f.seek(512 + 40)  # first usable LBA, under the header CRC
@@ -579,7 +343,7 @@ def test_sfdisk_gpt_with_broken_primary_is_refused(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("ss", [512, 4096])
 def test_hand_made_gpt(ss: int) -> None:
-    img = gpt_image(ss=ss)
+    img = gpt_by_hand(ss=ss)
     assert read_img(img) == gpt_expected(ss=ss)
     assert read_img(img, ss) == gpt_expected(ss=ss)
 
@@ -601,7 +365,7 @@ def test_bad_primary_is_refused_though_the_backup_is_good(
 ) -> None:
     # efi.c find_valid_gpt() reads the backup only to compare it with a good
     # primary (or with the "gpt" boot option): a bad primary loses the table.
-    img = gpt_image(ss=ss)
+    img = gpt_by_hand(ss=ss)
     img.write((ss if where == "header" else 2 * ss) + offset, data)
     last = img.size // ss - 1
     with pytest.raises(
@@ -614,13 +378,13 @@ def test_bad_primary_is_refused_though_the_backup_is_good(
 
 
 def test_bad_backup_is_ignored() -> None:
-    img = gpt_image()
+    img = gpt_by_hand()
     img.write((img.size // 512 - 1) * 512 + 16, b"\x00\x00\x00\x00")
     assert read_img(img) == gpt_expected()
 
 
 def test_grown_image_reads_the_primary() -> None:
-    img = gpt_image(size=4 * MiB)
+    img = gpt_by_hand(size=4 * MiB)
     img.size = 8 * MiB  # grown after partitioning: the backup is mid-disk now
     assert read_img(img) == gpt_expected(size=8 * MiB)
     img.write(2 * 512 + 100, b"\xff")  # primary entry array CRC fails
@@ -630,8 +394,8 @@ def test_grown_image_reads_the_primary() -> None:
 
 
 def test_both_headers_bad() -> None:
-    img = gpt_image()
-    first, last = header_lbas(img, 512)
+    img = gpt_by_hand()
+    first, last = gpt_lbas(img, 512)
     img.write(first * 512 + 16, b"\x00\x00\x00\x00")
     img.write(last * 512 + 16, b"\x00\x00\x00\x00")
     with pytest.raises(PartitionTableError, match="header CRC32 is 0x00000000") as info:
@@ -646,7 +410,7 @@ def test_both_headers_bad() -> None:
 
 
 def test_both_entry_arrays_bad() -> None:
-    img = gpt_image()
+    img = gpt_by_hand()
     img.write(2 * 512, b"\x01")
     img.write((img.size // 512 - 33) * 512, b"\x01")
     with pytest.raises(PartitionTableError, match="entry array CRC32"):
@@ -682,8 +446,8 @@ P1, P2, P4 = (1, MiB, MiB), (2, 2 * MiB, MiB), (4, 3 * MiB, 512 * KiB)
 def test_gpt_entry_rules(
     index: int, offset: int, value: bytes, outline_: list[tuple[int, int, int]], note: str | None
 ) -> None:
-    img = gpt_image()
-    set_gpt_entry(img, 512, index, offset, value)
+    img = gpt_by_hand()
+    set_gpt_entry(img, index, offset, value)
     table = read_img(img)
     assert outline(table) == outline_
     assert table is not None
@@ -695,8 +459,8 @@ def test_gpt_entry_rules(
 
 
 def test_overlapping_gpt_partitions_plan_the_first() -> None:
-    img = gpt_image()
-    set_gpt_entry(img, 512, 3, 32, _lba(2048))  # partition 4 over 1 and 2
+    img = gpt_by_hand()
+    set_gpt_entry(img, 3, 32, _lba(2048))  # partition 4 over 1 and 2
     table = read_img(img)
     assert table is not None
     plan, notes = blkpg_plan(table, 512)
@@ -708,8 +472,8 @@ def test_overlapping_gpt_partitions_plan_the_first() -> None:
 
 
 def test_empty_entries_are_skipped_and_numbers_kept() -> None:
-    img = gpt_image()
-    set_gpt_entry(img, 512, 1, 0, bytes(16))  # zero type GUID: unused
+    img = gpt_by_hand()
+    set_gpt_entry(img, 1, 0, bytes(16))  # zero type GUID: unused
     table = read_img(img)
     assert table is not None
     assert [p.number for p in table.partitions] == [1, 4]
@@ -740,8 +504,8 @@ def _u32(value: int) -> bytes:
     ],
 )
 def test_bad_gpt_headers(offset: int, value: bytes, message: str) -> None:
-    img = gpt_image()
-    for lba in header_lbas(img, 512):
+    img = gpt_by_hand()
+    for lba in gpt_lbas(img, 512):
         img.write(lba * 512 + offset, value)
     fix_gpt_crcs(img, 512)
     with pytest.raises(PartitionTableError, match=f"primary GPT header at LBA 1 .*{message}"):
@@ -758,8 +522,8 @@ def test_bad_gpt_headers(offset: int, value: bytes, message: str) -> None:
     ],
 )
 def test_gpt_header_fields_the_kernel_does_not_check(offset: int, value: bytes) -> None:
-    img = gpt_image()
-    for lba in header_lbas(img, 512):
+    img = gpt_by_hand()
+    for lba in gpt_lbas(img, 512):
         img.write(lba * 512 + offset, value)
     fix_gpt_crcs(img, 512)
     table = read_img(img)
@@ -768,7 +532,7 @@ def test_gpt_header_fields_the_kernel_does_not_check(offset: int, value: bytes) 
 
 
 def test_gpt_without_protective_mbr() -> None:
-    img = gpt_image()
+    img = gpt_by_hand()
     img.write(0, bytes(512))
     with pytest.raises(PartitionTableError, match="no protective MBR"):
         read_img(img)
@@ -776,7 +540,7 @@ def test_gpt_without_protective_mbr() -> None:
 
 def test_protective_entry_must_start_at_lba_1() -> None:
     # efi.c pmbr_part_valid(); msdos.c then ignores the 0xee MBR too.
-    img = gpt_image()
+    img = gpt_by_hand()
     set_mbr_entry(img, 0, 0, (0, 0xEE, 2, 8190))
     with pytest.raises(PartitionTableError, match="does not start at LBA 1"):
         read_img(img)
@@ -786,7 +550,7 @@ def test_protective_entry_must_start_at_lba_1() -> None:
 
 
 def test_hybrid_mbr_reads_the_gpt() -> None:
-    img = gpt_image()
+    img = gpt_by_hand()
     set_mbr_entry(img, 0, 1, (0x80, 0x0C, 2048, 2048))
     set_mbr_entry(img, 0, 2, (0x80, 0x83, 0, 2048))  # boot flags do not matter
     assert read_img(img) == gpt_expected()
@@ -813,7 +577,7 @@ def test_too_small_for_the_header() -> None:
 
 
 def test_hand_made_mbr_with_logicals(tmp_path: Path) -> None:
-    img = mbr_image()
+    img = mbr_by_hand()
     assert read_img(img) == MBR_EXPECTED
     assert read_path(img.save(tmp_path / "mbr.img")) == MBR_EXPECTED
 
@@ -872,7 +636,7 @@ def test_extended_with_unwritten_first_ebr_has_no_logicals() -> None:
 
 
 def _mbr_case(change: str) -> Img:
-    img = mbr_image()
+    img = mbr_by_hand()
     if change == "past end":
         set_mbr_entry(img, 0, 1, (0, 0x82, 4096, 100_000))
     elif change == "primaries overlap":
@@ -1001,7 +765,7 @@ def test_garbage_in_ebr_slots_3_and_4() -> None:
     # msdos.c parse_extended(): slots 3 and 4 count only when they fit both
     # the link that led to the EBR and the extended partition.  The link to
     # EBRS[1] covers 4096 sectors.
-    img = mbr_image()
+    img = mbr_by_hand()
     set_mbr_entry(img, EBRS[1], 2, (0, 0x83, 4000, 100))  # past the link: skipped
     set_mbr_entry(img, EBRS[1], 3, (0, 0x83, 2100, 100))  # fits: registered
     table = read_img(img)
@@ -1009,7 +773,7 @@ def test_garbage_in_ebr_slots_3_and_4() -> None:
 
 
 def test_partition_starting_past_the_end_is_skipped() -> None:
-    img = mbr_image()
+    img = mbr_by_hand()
     set_mbr_entry(img, 0, 3, (0, 0x83, 20000, 100))
     table = read_img(img)
     assert outline(table) == outline(MBR_EXPECTED)
@@ -1092,7 +856,7 @@ def test_tiny_inputs(tmp_path: Path) -> None:
 @pytest.mark.skipif(MKFS_EXT4 is None, reason="mkfs.ext4 not installed")
 def test_real_ext4_image(tmp_path: Path) -> None:
     assert MKFS_EXT4 is not None
-    image = blank(tmp_path / "ext4.img", 8 * MiB)
+    image = make_image(tmp_path / "ext4.img", 8 * MiB)
     run(MKFS_EXT4, "-q", "-F", str(image))
     assert read_path(image) is None
 
@@ -1100,7 +864,7 @@ def test_real_ext4_image(tmp_path: Path) -> None:
 @pytest.mark.skipif(MKFS_FAT is None, reason="mkfs.fat not installed")
 def test_real_fat_image(tmp_path: Path) -> None:
     assert MKFS_FAT is not None
-    image = blank(tmp_path / "fat.img", 8 * MiB)
+    image = make_image(tmp_path / "fat.img", 8 * MiB)
     run(MKFS_FAT, str(image))
     assert read_path(image) is None
 
@@ -1131,7 +895,7 @@ def test_random_bytes(seed: int) -> None:
 
 
 def test_fd_offset_untouched_and_fd_left_open() -> None:
-    with gpt_image().fd() as fd:
+    with gpt_by_hand().fd() as fd:
         os.lseek(fd, 12345, os.SEEK_SET)
         assert read_table(fd, 4 * MiB) == gpt_expected()
         assert os.lseek(fd, 0, os.SEEK_CUR) == 12345
@@ -1139,7 +903,7 @@ def test_fd_offset_untouched_and_fd_left_open() -> None:
 
 
 def test_bad_sector_size_argument() -> None:
-    with gpt_image().fd() as fd, pytest.raises(ValueError, match="sector_size"):
+    with gpt_by_hand().fd() as fd, pytest.raises(ValueError, match="sector_size"):
         read_table(fd, 4 * MiB, 520)
 
 
@@ -1221,7 +985,7 @@ MBR_LBAS = sorted(
 
 @functools.cache
 def gpt_base(ss: int) -> Img:
-    return gpt_image(ss=ss)
+    return gpt_by_hand(ss=ss)
 
 
 def gpt_targets(ss: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
@@ -1288,7 +1052,7 @@ def gpt_mutations(ss: int) -> st.SearchStrategy[list[Change]]:
 
 @functools.cache
 def mbr_base() -> Img:
-    return mbr_image()
+    return mbr_by_hand()
 
 
 def mutate(img: Img, changes: list[Change]) -> Img:

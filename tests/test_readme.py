@@ -19,6 +19,7 @@ from pathlib import Path
 import brokerlib
 import pytest
 from helpers import register_backing, wait_unbound
+from images import SFDISK, MiB, make_image, sfdisk_image
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 TEXT = README.read_text() if README.exists() else ""
@@ -28,12 +29,11 @@ SETUP = re.compile(r"^(pip |python -m pytest)")
 
 
 def _gpt_image(path: Path) -> None:
-    with open(path, "wb") as f:
-        f.truncate(16 << 20)
-    sfdisk = shutil.which("sfdisk")
-    if sfdisk:
-        script = "label: gpt\nsize=4M\nsize=4M\n"
-        subprocess.run([sfdisk, "-q", str(path)], input=script, text=True, check=True)
+    """The README's disk.img: a GPT with two partitions, or blank without sfdisk."""
+    if SFDISK is None:
+        make_image(path, 16 * MiB)
+    else:
+        sfdisk_image(path, "label: gpt\nsize=4M\nsize=4M\n", 16 * MiB)
 
 
 @pytest.mark.skipif(not PYTHON, reason="README.md not beside the tests")

@@ -23,10 +23,10 @@ from helpers import (
     bound_exactly,
     child_argv,
     in_private_mount,
-    make_image,
     register_backing,
     wait_unbound,
 )
+from images import make_image
 
 from loopdev import (
     BackingFileError,

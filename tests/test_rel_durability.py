@@ -16,18 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import (
-    GPT_PARTS,
-    MiB,
-    backing_of,
-    bound_under,
-    child,
-    gpt_image,
-    make_image,
-    partitions_of,
-    wait_node,
-    wait_unbound,
-)
+from helpers import MiB, backing_of, bound_under, child, partitions_of, wait_node, wait_unbound
+from images import GPT_PARTS, gpt_image, make_image
 
 from loopdev import DeviceBusy, LoopControl
 from loopdev.device import attach

@@ -11,7 +11,8 @@ import threading
 from pathlib import Path
 
 import pytest
-from helpers import CHILDREN, SFDISK, gpt_image, make_image, wait_unbound
+from helpers import CHILDREN, wait_unbound
+from images import SFDISK, gpt_image, make_image
 
 from loopdev import LoopControl
 from loopdev.device import attach

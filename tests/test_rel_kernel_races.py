@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import LONG, MiB, child, make_image, reap, wait_unbound
+from helpers import LONG, MiB, child, reap, wait_unbound
+from images import make_image
 
 from loopdev import DeviceBusy, Loop, LoopControl
 from loopdev.device import attach

@@ -14,17 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import (
-    LONG,
-    SFDISK,
-    backing_of,
-    child,
-    gpt_image,
-    make_image,
-    partitions_of,
-    reap,
-    wait_unbound,
-)
+from helpers import LONG, backing_of, child, partitions_of, reap, wait_unbound
+from images import SFDISK, gpt_image, make_image
 
 KILL_REPS = 50 if LONG else 10
 

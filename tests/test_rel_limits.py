@@ -13,7 +13,8 @@ import threading
 import time
 from pathlib import Path
 
-from helpers import MiB, loop_minors, make_image, open_fds, remove_added, wait_unbound
+from helpers import MiB, loop_minors, open_fds, remove_added, wait_unbound
+from images import make_image
 
 from loopdev import DeviceBusy, DeviceNodeError, Loop, LoopControl, NoFreeDevice, _native
 

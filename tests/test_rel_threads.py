@@ -10,7 +10,8 @@ import os
 import threading
 from pathlib import Path
 
-from helpers import LONG, MiB, make_image, open_fds, wait_unbound
+from helpers import LONG, MiB, open_fds, wait_unbound
+from images import make_image
 
 from loopdev import LoopControl
 from loopdev.device import attach

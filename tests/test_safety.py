@@ -16,18 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import (
-    GPT_PARTS,
-    MOUNT,
-    MiB,
-    backing_of,
-    bound_under,
-    gpt_image,
-    partitions_of,
-    poll,
-    run_cli,
-    wait_unbound,
-)
+from helpers import MOUNT, MiB, backing_of, bound_under, partitions_of, poll, run_cli, wait_unbound
+from images import GPT_PARTS, gpt_image
 
 import loopdev
 from loopdev import (

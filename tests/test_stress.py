@@ -7,7 +7,7 @@ import os
 import threading
 from pathlib import Path
 
-from conftest import wait_unbound
+from helpers import wait_unbound
 
 from loopdev import LoopControl
 

@@ -6,6 +6,7 @@ the C compiler filled in from <linux/loop.h>.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 
@@ -28,6 +29,27 @@ def get_free(ctl: int) -> int:
 
 def configure(dev_fd: int, config: bytes) -> None:
     fcntl.ioctl(dev_fd, lib.LOOP_CONFIGURE, config)
+
+
+def open_free(ctl: int) -> tuple[int, int] | None:
+    """The minor GET_FREE names and an fd of its node; None when it cannot be opened
+    (another allocator took it and let it go meanwhile)."""
+    minor = get_free(ctl)
+    try:
+        return minor, os.open(f"/dev/loop{minor}", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return None
+
+
+def configured(dev_fd: int, config: bytes) -> bool:
+    """``LOOP_CONFIGURE``; False when another allocator bound the device first (EBUSY)."""
+    try:
+        configure(dev_fd, config)
+    except OSError as exc:
+        if exc.errno != errno.EBUSY:
+            raise
+        return False
+    return True
 
 
 def open_control() -> int:

@@ -7,12 +7,11 @@ Prints JSON {"minor": N, "backing": [st_dev, st_ino]}.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import sys
 
-from _raw import configure, get_free, loop_config, open_control
+from _raw import configured, loop_config, open_control, open_free
 
 path, name = sys.argv[1], os.fsencode(sys.argv[2])
 if sys.argv[3:] == ["make"]:
@@ -21,17 +20,13 @@ if sys.argv[3:] == ["make"]:
 back = os.open(path, os.O_RDWR | os.O_CLOEXEC)
 ctl = open_control()
 for _ in range(100):  # others allocate at the same time, without our lock
-    minor = get_free(ctl)
-    try:
-        dev = os.open(f"/dev/loop{minor}", os.O_RDWR | os.O_CLOEXEC)
-    except OSError:
+    got = open_free(ctl)
+    if got is None:
         continue
+    minor, dev = got
     try:
-        configure(dev, loop_config(back, 0, name))
-        break
-    except OSError as exc:
-        if exc.errno != errno.EBUSY:
-            raise
+        if configured(dev, loop_config(back, 0, name)):
+            break
     finally:
         os.close(dev)
 else:

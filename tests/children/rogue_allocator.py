@@ -6,12 +6,11 @@ Prints "BUSY DONE": how often LOOP_CONFIGURE answered EBUSY, and succeeded.
 
 from __future__ import annotations
 
-import errno
 import os
 import sys
 import time
 
-from _raw import configure, get_free, loop_config, open_control
+from _raw import configured, loop_config, open_control, open_free
 
 from loopdev import _native
 
@@ -21,17 +20,12 @@ config = loop_config(back, _native.LO_FLAGS_AUTOCLEAR)
 deadline = time.monotonic() + float(sys.argv[2])
 busy = done = 0
 while time.monotonic() < deadline:
-    minor = get_free(ctl)
-    try:
-        dev = os.open(f"/dev/loop{minor}", os.O_RDWR | os.O_CLOEXEC)
-    except OSError:
+    got = open_free(ctl)
+    if got is None:
         continue
-    try:
-        configure(dev, config)
+    if configured(got[1], config):
         done += 1
-    except OSError as exc:
-        if exc.errno != errno.EBUSY:
-            raise
+    else:
         busy += 1
-    os.close(dev)
+    os.close(got[1])
 print(busy, done)
