@@ -27,8 +27,9 @@ from typing import Any
 
 import helpers
 import pytest
-from helpers import bound_under, gpt_image, make_image, poll
+from helpers import bound_under, poll
 from helpers import run_cli as run
+from images import gpt_image, make_image
 
 import loopdev
 from loopdev import _native
@@ -98,7 +99,7 @@ def test_signal_mask_is_restored_after_waiting_for_a_busy_device(
         dev = attach()
         waited = time.monotonic() - started
         after = sorted(signal.pthread_sigmask(signal.SIG_BLOCK, []))
-        minor = dev.minor
+        minor = dev.index
         dev.detach()
         out(before=before, after=after, waited=waited, minor=minor)
         """,

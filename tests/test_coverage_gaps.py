@@ -29,7 +29,8 @@ from pathlib import Path
 import brokerlib
 import nsrun
 import pytest
-from helpers import SFDISK, bound_under, make_image, poll, wait_unbound
+from helpers import bound_under, poll, wait_unbound
+from images import SFDISK, make_image
 
 import loopdev
 from loopdev import Loop, LoopControl, _engine, _native
@@ -49,7 +50,7 @@ def test_lock_passes_over_a_free_device_someone_holds_locked(tmp_path: Path, dev
     try:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         with loopdev.attach(image, lock=True) as dev:
-            assert dev.minor != index
+            assert dev.index != index
             assert bound_under(tmp_path) == [dev.name]
     finally:
         os.close(held)
@@ -114,11 +115,11 @@ def body_open_by_name_and_read_only_dev(image: str) -> list[str]:
     opened = []
     try:
         os.unlink(path)  # no node: reached through a private one
-        other = loopdev.open(dev.minor)
+        other = loopdev.open(dev.index)
         opened.append(os.fstat(other.fd).st_rdev == want)
         other.close()
         os.mknod(path, stat.S_IFCHR | 0o600, os.makedev(1, 3))  # a wrong node: the same
-        other = loopdev.open(dev.minor)
+        other = loopdev.open(dev.index)
         opened.append(os.fstat(other.fd).st_rdev == want)
         other.close()
         os.unlink(path)
@@ -132,7 +133,7 @@ def body_open_by_name_and_read_only_dev(image: str) -> list[str]:
         nsrun._mount("/dev", "/dev", "", MS_BIND, "")
         try:
             nsrun._mount("none", "/dev", "", MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID, "")
-            _engine.publish_nodes(dev.minor, _native.Config(flags=_engine.flags(0, 1, 0)))
+            _engine.publish_nodes(dev.index, _native.Config(flags=_engine.flags(0, 1, 0)))
         finally:
             _native.unmount("/dev")
         assert not os.path.lexists(path)
@@ -275,7 +276,7 @@ def test_attach_passes_over_a_free_device_whose_stale_partition_is_open(
         poll(lambda: os.path.exists(f"{dev}p1"), 5)
         holder = os.open(f"{dev}p1", os.O_RDONLY | os.O_CLOEXEC)
         with loopdev.attach(fresh) as got:
-            assert got.minor != index
+            assert got.index != index
     finally:
         if holder >= 0:
             os.close(holder)

@@ -74,8 +74,19 @@ def test_open_does_not_detach(image: Path) -> None:
         with loopdev.open(dev.name) as other:
             assert other.info().backing_file == str(image)
         assert dev.info().backing_file == str(image)
-        with loopdev.open(dev.minor) as again:
-            assert again.minor == dev.minor
+        with loopdev.open(dev.index) as again:
+            assert again.index == dev.index
+
+
+def test_minor_is_a_deprecated_alias_of_index(image: Path) -> None:
+    """``.index`` is the N of loopN; ``.minor`` still answers it, with a DeprecationWarning."""
+    with loopdev.attach(image) as dev:
+        info = dev.info()
+        assert dev.name == f"loop{dev.index}" and info.index == dev.index
+        with pytest.warns(DeprecationWarning, match=r"LoopDevice\.minor .* LoopDevice\.index"):
+            assert dev.minor == dev.index
+        with pytest.warns(DeprecationWarning, match=r"DeviceInfo\.minor .* DeviceInfo\.index"):
+            assert info.minor == info.index
 
 
 def test_detach_waits_for_other_holder(image: Path) -> None:

@@ -112,7 +112,7 @@ def test_open_does_not_block_detach(tmp_path: Path, devices: None) -> None:
     """An fd of loopdev.open() left to the garbage collector does not hold the device."""
     image = make_image(tmp_path / "open.img")
     dev = loopdev.attach(image)
-    loopdev.open(dev.minor).info()
+    loopdev.open(dev.index).info()
     gc.collect()
     start = time.monotonic()
     dev.detach(timeout=5)

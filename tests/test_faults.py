@@ -471,7 +471,7 @@ def _attach_plain(api: str, image: Path) -> Held:
     """Attached without partscan and without autoclear (so that a LOOP_CLR_FD shows)."""
     if api == "attach":
         dev = loopdev.attach(image, autoclear=False)
-        return Held(dev.minor, lambda: dev.fd, dev.detach, dev.detach)
+        return Held(dev.index, lambda: dev.fd, dev.detach, dev.detach)
     ctl = loopdev.LoopControl()
     fd = os.open(image, os.O_RDWR | os.O_CLOEXEC)
     lo = ctl.loop_for_fd(fd)
@@ -605,7 +605,7 @@ def test_read_only_over_a_read_write_fd(
     (LOOP_SET_FD takes the mode from the fd, so the fallback must reopen it read-only)."""
     if api == "attach":
         with loopdev.attach(rdwr_fd, read_only=True) as dev:
-            _assert_read_only(dev.minor, dev.fd, image)
+            _assert_read_only(dev.index, dev.fd, image)
         return
     ctl = loopdev.LoopControl()
     try:

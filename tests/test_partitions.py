@@ -73,14 +73,14 @@ def test_high_level_partitions_match_sfdisk(
 ) -> None:
     path, table = request.getfixturevalue(fixture)
     with loopdev.attach(path, partscan=True) as dev:
-        assert registered(dev.minor) == expected_spans(table)
+        assert registered(dev.index) == expected_spans(table)
         for part in dev.partitions:
             fd = os.open(part.path, os.O_RDONLY | os.O_CLOEXEC)
             try:
                 assert _native.get_u64(fd, _native.BLKGETSIZE64) == part.size
             finally:
                 os.close(fd)
-        minor = dev.minor
+        minor = dev.index
     assert in_proc_partitions(minor) == []
 
 
@@ -105,7 +105,7 @@ def test_gpt_4096_sectors(gpt4k_image: tuple[Path, dict[str, Any]]) -> None:
     path, table = gpt4k_image
     assert table["sectorsize"] == 4096
     with loopdev.attach(path, partscan=True, block_size=4096) as dev:
-        assert registered(dev.minor) == expected_spans(table)
+        assert registered(dev.index) == expected_spans(table)
 
 
 def test_marker_lands_at_partition_offset(gpt_image: tuple[Path, dict[str, Any]]) -> None:
@@ -162,7 +162,7 @@ def test_private_nodes_and_no_state_after_detach(
             assert names == sorted([dev.name] + [p.name for p in dev.partitions])
             for name in names:
                 assert (nodes / name).stat().st_mode & 0o777 == 0o600
-            minor = dev.minor
+            minor = dev.index
         assert os.listdir(nodes) == []
         assert in_proc_partitions(minor) == []
         # The same minor bound again, without partitions, shows none.

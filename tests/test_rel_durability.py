@@ -64,7 +64,7 @@ def _attach_partscan(api: str, image: Path) -> tuple[int, Callable[[], None], in
             ctl.close()
         return lo.minor, lo.close, lo.fd
     dev = attach(image, partscan=True)
-    return dev.minor, dev.detach, dev.fd
+    return dev.index, dev.detach, dev.fd
 
 
 @pytest.mark.parametrize("target", ["device", "partition"])
@@ -170,7 +170,7 @@ def test_busy_partition_refuses_detach_and_changes_nothing(
     again: Callable[[], None]
     if api == "attach":
         dev = attach(image, partscan=True)
-        minor, release, again = dev.minor, dev.detach, dev.detach
+        minor, release, again = dev.index, dev.detach, dev.detach
     else:
         ctl = LoopControl()
         fd = os.open(image, os.O_RDWR | os.O_CLOEXEC)

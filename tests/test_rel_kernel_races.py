@@ -51,7 +51,7 @@ def test_exclusive_holder_busy_is_retried(
             ctl.close()
     else:
         with attach(image) as dev:
-            minor = dev.minor
+            minor = dev.index
     end = time.monotonic()
     holder.communicate(timeout=30)
     print(f"held loop{held} for 0.3 s; got loop{minor} after {end - start:.3f} s")

@@ -176,11 +176,11 @@ def test_a_live_deleted_looking_name_is_not_the_deleted_file(tmp_path: Path, dev
     try:
         os.unlink(gone)
         live = sparse(tmp_path / "x.img (deleted)", 4 * MiB)
-        assert backing_of(dev.minor) == str(live)  # what sysfs shows: the same text
+        assert backing_of(dev.index) == str(live)  # what sysfs shows: the same text
         assert find(live) == []
         assert cli_ok("find", str(live)) == ""
         cli_ok("detach", str(live))
-        assert backing_of(dev.minor) == str(live)  # still bound: not that file
+        assert backing_of(dev.index) == str(live)  # still bound: not that file
         shown = cli_ok("attach", "--show", "-L", str(live)).strip()
         assert shown != dev.path
         cli_ok("detach", shown)
@@ -258,10 +258,10 @@ def test_library_detach_still_refuses_an_open_partition(tmp_path: Path, devices:
             dev.detach()
         assert len(dev.partitions) == 2
         dev.detach(timeout=0, lazy=True)
-        assert backing_of(dev.minor) == str(image)
+        assert backing_of(dev.index) == str(image)
     finally:
         os.close(holder)
-    assert poll(lambda: backing_of(dev.minor) is None and partitions_of(dev.minor) == [], 2.0)
+    assert poll(lambda: backing_of(dev.index) is None and partitions_of(dev.index) == [], 2.0)
 
 
 # --- item 4: a read-only /dev without loop nodes (a container) ----------------------------
@@ -408,10 +408,10 @@ def test_open_honours_the_directory(tmp_path: Path, image_plain: Path) -> None:
     nodes = tmp_path / "nodes"
     nodes.mkdir()
     with attach(image_plain, node_dir=nodes) as dev:
-        other = dev.minor + 1
+        other = dev.index + 1
         opened = loopdev.open(str(nodes / dev.name))
         try:
-            assert opened.path == str(nodes / dev.name) and opened.minor == dev.minor
+            assert opened.path == str(nodes / dev.name) and opened.index == dev.index
             assert os.fstat(opened.fd).st_rdev == os.fstat(dev.fd).st_rdev
         finally:
             opened.close()

@@ -288,18 +288,18 @@ def attach(
         control.use_scratch(node_dir)
         got = run()
     if not config.flags & _native.LO_FLAGS_PARTSCAN and nodes.dev_is_devtmpfs():
-        return got.minor, got.fd  # no partitions to register, the kernel made the node
+        return got.index, got.fd  # no partitions to register, the kernel made the node
     try:
-        register_partitions(got.fd, got.minor, config)
-        publish_nodes(got.minor, config, node_mode)
+        register_partitions(got.fd, got.index, config)
+        publish_nodes(got.index, config, node_mode)
     except BaseException:
-        abort(got.fd, got.minor)
+        abort(got.fd, got.index)
         if on_discard is not None:
             on_discard(got.fd)
         else:
             os.close(got.fd)
         raise
-    return got.minor, got.fd
+    return got.index, got.fd
 
 
 def configure(dev_fd: int, index: int, backing_fd: int, config: _native.Config) -> None:

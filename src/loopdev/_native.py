@@ -490,10 +490,10 @@ _ATTACH_RES = ffi.typeof("struct ld_attach_res *")
 class Attached:
     """The outcome of :func:`attach`: the device fd and how many extra rounds it took."""
 
-    __slots__ = ("fd", "minor", "retries")
+    __slots__ = ("fd", "index", "retries")
 
-    def __init__(self, minor: int, fd: int, retries: int) -> None:
-        self.minor = minor
+    def __init__(self, index: int, fd: int, retries: int) -> None:
+        self.index = index
         self.fd = fd
         self.retries = retries
 

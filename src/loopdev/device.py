@@ -6,6 +6,7 @@ import errno
 import fcntl
 import os
 import stat
+import warnings
 
 from loopdev import _engine, _native, nodes, partitions, sysfs
 from loopdev.errors import (
@@ -62,7 +63,7 @@ _DIO = {
 
 _INFO_FIELDS = (
     "name",
-    "minor",
+    "index",
     "backing_file",
     "offset",
     "sizelimit",
@@ -81,7 +82,8 @@ class DeviceInfo:
     __slots__ = _INFO_FIELDS
 
     name: str
-    minor: int
+    index: int
+    """The N of ``loopN`` (not the minor number once ``max_part`` > 0)."""
     backing_file: str
     offset: int
     sizelimit: int
@@ -96,7 +98,7 @@ class DeviceInfo:
         self,
         *,
         name: str,
-        minor: int,
+        index: int,
         backing_file: str,
         offset: int,
         sizelimit: int,
@@ -107,7 +109,7 @@ class DeviceInfo:
         block_size: int,
         size: int,
     ) -> None:
-        values: tuple[object, ...] = (name, minor, backing_file, offset, sizelimit, read_only)
+        values: tuple[object, ...] = (name, index, backing_file, offset, sizelimit, read_only)
         values += (autoclear, partscan, direct_io, block_size, size)
         for field, value in zip(_INFO_FIELDS, values, strict=True):
             object.__setattr__(self, field, value)
@@ -118,7 +120,7 @@ class DeviceInfo:
     def _values(self) -> tuple[object, ...]:
         return (
             self.name,
-            self.minor,
+            self.index,
             self.backing_file,
             self.offset,
             self.sizelimit,
@@ -144,6 +146,21 @@ class DeviceInfo:
     def path(self) -> str:
         return f"/dev/{self.name}"
 
+    @property
+    def minor(self) -> int:
+        """Deprecated alias of :attr:`index`."""
+        _minor_deprecated("DeviceInfo")
+        return self.index
+
+
+def _minor_deprecated(cls: str) -> None:
+    warnings.warn(
+        f"{cls}.minor is deprecated: use {cls}.index (the N of loopN, which is not the"
+        " minor number once max_part > 0)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+
 
 def device_info(name: str) -> DeviceInfo | None:
     """What sysfs says of ``name``; None when it is not bound."""
@@ -152,7 +169,7 @@ def device_info(name: str) -> DeviceInfo | None:
         return None
     return DeviceInfo(
         name=name,
-        minor=int(name[4:]),
+        index=int(name[4:]),
         backing_file=got.backing,
         offset=got.offset,
         sizelimit=got.sizelimit,
@@ -171,7 +188,7 @@ def _loop_names() -> list[str]:
 
 
 def devices() -> list[DeviceInfo]:
-    """Every bound loop device, by minor."""
+    """Every bound loop device, by index."""
     found = []
     for name in _loop_names():
         info = device_info(name)
@@ -209,7 +226,7 @@ class LoopDevice:
 
     def __init__(
         self,
-        minor: int,
+        index: int,
         fd: int,
         *,
         owned: bool,
@@ -217,9 +234,9 @@ class LoopDevice:
         lease: Lease | None = None,
     ) -> None:
         self._fd = -1  # first: __del__ looks at it even if __init__ failed
-        self.minor = minor
-        self.name = f"loop{minor}"
-        self.path = _engine.device_path(minor) if lease is None else lease.path
+        self.index = index  # the N of loopN (not the minor number once max_part > 0)
+        self.name = f"loop{index}"
+        self.path = _engine.device_path(index) if lease is None else lease.path
         self.owned = owned
         self._lease = lease
         self._fd = fd
@@ -233,6 +250,12 @@ class LoopDevice:
             self.diskseq: int | None = _native.get_u64(fd, _native.BLKGETDISKSEQ, device=self.path)
         except OSError:
             self.diskseq = None  # kernels before 5.15
+
+    @property
+    def minor(self) -> int:
+        """Deprecated alias of :attr:`index`."""
+        _minor_deprecated("LoopDevice")
+        return self.index
 
     def __del__(self) -> None:
         # An fd left to the garbage collector would hold the device open and
@@ -293,14 +316,14 @@ class LoopDevice:
             return
         lost: WriteBackError | None = None
         try:
-            _engine.write_back(self._fd, self.minor, "the device was detached")
+            _engine.write_back(self._fd, self.index, "the device was detached")
         except WriteBackError as exc:
             lost = exc
             lost.released = True
         try:
             _engine.release(
                 self._fd,
-                self.minor,
+                self.index,
                 before_clear=self._remove_nodes,
                 bound=self._bound,
                 lazy=lazy,
@@ -334,7 +357,7 @@ class LoopDevice:
         elif self._fd >= 0:
             self._remove_nodes()
             if self._autoclear:
-                _engine.unpublish_nodes(self.minor)
+                _engine.unpublish_nodes(self.index)
             fd, self._fd = self._fd, -1
             os.close(fd)
 
@@ -363,7 +386,7 @@ class LoopDevice:
     def _make_nodes(self, node_dir: str | os.PathLike[str], mode: int) -> None:
         made = nodes.NodeSet(node_dir)
         self._nodes.append(made)
-        made.add(self.name, sysfs.loop_devt(self.minor), mode)
+        made.add(self.name, sysfs.loop_devt(self.index), mode)
         for p in self.partitions:
             made.add(p.name, (p.major, p.minor), mode)
 
@@ -379,7 +402,7 @@ class LoopDevice:
             self._remove_nodes()
         except OSError:
             pass
-        _engine.abort(self._fd, self.minor)
+        _engine.abort(self._fd, self.index)
         fd, self._fd = self._fd, -1
         os.close(fd)
 
@@ -558,12 +581,12 @@ def attach(
         )
         control = _engine.Control()
         try:
-            minor, dev_fd = _engine.attach(
+            index, dev_fd = _engine.attach(
                 control, fd, config, lock=lock, node_mode=node_mode, node_dir=node_dir
             )
         finally:
             control.close()
-        dev = LoopDevice(minor, dev_fd, owned=True, backing_st=st)
+        dev = LoopDevice(index, dev_fd, owned=True, backing_st=st)
         dev._autoclear = autoclear
         dev._bound = True
         if node_dir is not None:
@@ -585,34 +608,34 @@ def open_device(name_or_minor: str | int, *, owned: bool = False) -> LoopDevice:
     if isinstance(name_or_minor, bool):
         raise LoopError(errno.EINVAL, f"not a loop device name or number: {name_or_minor!r}")
     if isinstance(name_or_minor, int):
-        minor = name_or_minor
-        if minor < 0:
-            raise LoopError(errno.EINVAL, f"no loop device has the number {minor}")
+        index = name_or_minor
+        if index < 0:
+            raise LoopError(errno.EINVAL, f"no loop device has the number {index}")
     else:
         base = os.path.basename(name_or_minor)
         if not (base.startswith("loop") and base[4:].isdigit()):
             raise LoopError(errno.EINVAL, "not a loop device name", device=str(name_or_minor))
-        minor = int(base[4:])
+        index = int(base[4:])
         where = os.path.dirname(name_or_minor)
         if where and os.path.realpath(where) != _engine.DEV:
-            dev = LoopDevice(minor, _open_node(name_or_minor, minor), owned=owned)
+            dev = LoopDevice(index, _open_node(name_or_minor, index), owned=owned)
             dev.path = name_or_minor
             return dev
     try:
-        fd = _engine.open_device(minor, private_nodes=True)
+        fd = _engine.open_device(index, private_nodes=True)
     except FileNotFoundError:
         raise DeviceNodeError(
-            errno.ENOENT, "no such loop device", device=_engine.device_path(minor)
+            errno.ENOENT, "no such loop device", device=_engine.device_path(index)
         ) from None
-    return LoopDevice(minor, fd, owned=owned)
+    return LoopDevice(index, fd, owned=owned)
 
 
-def _open_node(path: str, minor: int) -> int:
-    """``path`` opened read-write, checked to be ``loop{minor}``."""
+def _open_node(path: str, index: int) -> int:
+    """``path`` opened read-write, checked to be ``loop{index}``."""
     try:
         first = os.stat(path)
         if not stat.S_ISBLK(first.st_mode):  # a FIFO would block the open
-            raise UnexpectedDevice(minor, first.st_rdev, first.st_mode)
+            raise UnexpectedDevice(index, first.st_rdev, first.st_mode)
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     except FileNotFoundError:
         raise DeviceNodeError(errno.ENOENT, "no such device node", device=path) from None
@@ -621,7 +644,7 @@ def _open_node(path: str, minor: int) -> int:
     except BaseException:
         os.close(fd)
         raise
-    if stat.S_ISBLK(st.st_mode) and st.st_rdev == os.makedev(*sysfs.loop_devt(minor)):
+    if stat.S_ISBLK(st.st_mode) and st.st_rdev == os.makedev(*sysfs.loop_devt(index)):
         return fd
     os.close(fd)
-    raise UnexpectedDevice(minor, st.st_rdev, st.st_mode)
+    raise UnexpectedDevice(index, st.st_rdev, st.st_mode)

@@ -88,7 +88,7 @@ def list_partitions(name: str) -> list[PartitionDevice]:
     return sorted(found)
 
 
-def ensure_registered(dev_fd: int, minor: int, backing: str | None = None) -> int:
+def ensure_registered(dev_fd: int, index: int, backing: str | None = None) -> int:
     """Register the image's partitions with BLKPG where the kernel's scan found none.
 
     Returns how many loopdev registered. A table the kernel would refuse
@@ -96,7 +96,7 @@ def ensure_registered(dev_fd: int, minor: int, backing: str | None = None) -> in
     nothing; partitions the kernel would skip, or that BLKPG cannot add as
     the kernel would, are left out with a warning (never an error).
     """
-    name = f"loop{minor}"
+    name = f"loop{index}"
     if list_partitions(name):
         return 0  # the kernel's own scan found them
     device = f"/dev/{name}"
@@ -115,7 +115,7 @@ def ensure_registered(dev_fd: int, minor: int, backing: str | None = None) -> in
             _native.blkpg(dev_fd, _native.BLKPG_ADD_PARTITION, number, start, length, device=device)
             added += 1
     except BaseException:
-        _native.delete_partitions(dev_fd, minor)
+        _native.delete_partitions(dev_fd, index)
         raise
     return added
 

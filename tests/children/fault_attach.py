@@ -42,7 +42,7 @@ def attach(spec: dict[str, Any], fd: int) -> tuple[int, Callable[[], None]]:
             partscan=partscan,
             autoclear=autoclear,
         )
-        return dev.minor, dev.detach
+        return dev.index, dev.detach
     ctl = loopdev.LoopControl()
     lo = ctl.loop_for_fd(
         fd, sizelimit=sizelimit, blocksize=block_size, partscan=partscan, autoclear=autoclear

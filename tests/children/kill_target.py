@@ -27,7 +27,7 @@ else:
 
     def once() -> tuple[int, Callable[[], None]]:
         dev = loopdev.attach(path, partscan=partscan)
-        return dev.minor, dev.detach
+        return dev.index, dev.detach
 
 
 if mode == "hold":
