@@ -13,6 +13,8 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import brokerlib
+import helpers
 import pytest
 from helpers import bindings, forget_registered, leaked_devices, reap, release
 
@@ -129,3 +131,17 @@ def child_procs() -> Iterator[list[subprocess.Popen[str]]]:
     yield procs
     for proc in procs:
         reap(proc)
+
+
+@pytest.fixture
+def space(devices: None) -> Iterator[Path]:
+    """A directory for images and sockets that other users can reach; afterwards nothing
+    may be bound below it (a leak is detached, so that it does not cascade)."""
+    brokerlib.require_unprivileged()
+    with brokerlib.shared_dir() as path:
+        yield path
+        helpers.poll(lambda: not helpers.bound_under(path), 3)
+        left = helpers.bound_under(path)
+        for name in left:
+            subprocess.run(["losetup", "-d", f"/dev/{name}"], check=False)
+        assert not left, f"devices left bound: {left}"

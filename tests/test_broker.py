@@ -43,27 +43,12 @@ from brokerlib import (
     raw_connect,
     raw_reply,
     raw_send,
-    require_unprivileged,
-    shared_dir,
 )
 
 import loopdev
 from loopdev import _interface, _varlink, broker
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def space(devices: None) -> Iterator[Path]:
-    """A directory for images and sockets that other users can reach; checked for leaks."""
-    require_unprivileged()
-    with shared_dir() as path:
-        yield path
-        poll(lambda: not bound_under(path), 3)
-        left = bound_under(path)
-        for name in left:  # so that one leak does not cascade
-            subprocess.run(["losetup", "-d", f"/dev/{name}"], check=False)
-        assert not left, f"devices left bound: {left}"
 
 
 @pytest.fixture

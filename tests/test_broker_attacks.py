@@ -31,7 +31,7 @@ from brokerlib import (
     poll,
 )
 from images import sfdisk
-from test_broker import server, serving, serving_as_nobody, space, start  # noqa: F401
+from test_broker import server, serving, serving_as_nobody, start  # noqa: F401
 
 from loopdev import broker
 from loopdev.errors import LoopError
@@ -70,7 +70,7 @@ out(rows=rows)
 
 
 def test_kept_reference_cannot_reach_the_next_device_on_the_minor(
-    space: Path,  # noqa: F811
+    space: Path,
     server: Server,  # noqa: F811
 ) -> None:
     """Finding 1: an O_PATH kept past release reopens nothing (device and partitions)."""
@@ -185,7 +185,7 @@ out(rows=out_rows)
 
 
 def test_outsiders_are_closed_at_accept_and_never_counted(
-    space: Path,  # noqa: F811
+    space: Path,
     server: Server,  # noqa: F811
 ) -> None:
     """Finding 4: 1,104 connections of 23 users outside the policy leave nobody served."""
@@ -254,7 +254,7 @@ def test_log_escapes_what_a_client_chooses(space: Path, server: Server) -> None:
 
 
 def test_killed_brokers_directory_is_removed_by_the_next(
-    space: Path,  # noqa: F811
+    space: Path,
     start: Callable[..., Server],  # noqa: F811
 ) -> None:
     """Finding 7: the node directory a SIGKILLed broker left is gone once another starts."""
@@ -311,7 +311,7 @@ def test_socket_is_made_with_its_mode(tmp_path: Path) -> None:
 
 
 def test_partition_minors_cannot_be_given_away_by_a_rescan(
-    space: Path,  # noqa: F811
+    space: Path,
     server: Server,  # noqa: F811
 ) -> None:
     """LOOP_CHANGE_FD (allowed on a read-only device) rereads the table: the broker holds
@@ -344,7 +344,7 @@ dev.detach()
 
 
 def test_reply_that_cannot_carry_its_descriptors_fails_clearly(
-    space: Path,  # noqa: F811
+    space: Path,
     server: Server,  # noqa: F811
 ) -> None:
     """Finding 7: a device with 253 partitions needs 254 descriptors, more than a message

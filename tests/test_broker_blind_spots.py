@@ -35,21 +35,9 @@ from brokerlib import (
     poll,
     raw_connect,
     raw_send,
-    require_unprivileged,
-    shared_dir,
 )
 
 from loopdev import _varlink, broker
-
-
-@pytest.fixture
-def space(devices: None) -> Iterator[Path]:
-    """A directory other users can reach; afterwards nothing may be bound below it."""
-    require_unprivileged()
-    with shared_dir() as path:
-        yield path
-        poll(lambda: not bound_under(path), 3)
-        assert not bound_under(path), f"devices left bound: {bound_under(path)}"
 
 
 @pytest.fixture

@@ -23,8 +23,6 @@ from brokerlib import (
     bound_under,
     gpt_image,
     make_image,
-    require_unprivileged,
-    shared_dir,
 )
 from helpers import MiB, backing_of, poll, run_cli
 
@@ -172,18 +170,6 @@ def test_sigkill_of_loopdev_leaves_nothing_bound(image: Path) -> None:
 
 
 # --- through a broker, as nobody ------------------------------------------------------------
-
-
-@pytest.fixture
-def space(devices: None) -> Iterator[Path]:
-    require_unprivileged()
-    with shared_dir() as path:
-        yield path
-        poll(lambda: not bound_under(path), 3)
-        left = bound_under(path)
-        for name in left:
-            subprocess.run(["losetup", "-d", f"/dev/{name}"], check=False)
-        assert not left, f"devices left bound: {left}"
 
 
 @pytest.fixture
