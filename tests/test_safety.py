@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -522,3 +523,82 @@ print(json.dumps({"outcome": outcome, "calls": calls}))
     assert got["outcome"] == "interrupted"
     assert got["calls"] == ["start"] * 4, got  # the fourth hook did not finish
     assert wait_unbound(image_plain.parent) == []
+
+
+# --- item 6: nodes in a container's /dev ------------------------------------------------------
+
+HOLDER = """
+import sys, time
+import loopdev
+dev = loopdev.attach(sys.argv[1], partscan=True)
+print(dev.name, " ".join(p.name for p in dev.partitions), flush=True)
+time.sleep(120)
+"""
+
+
+def body_killed_holders_nodes_go(gpt: str, plain: str) -> dict[str, object]:
+    """A process that attached with partitions is SIGKILLed: its nodes stay in /dev
+    (nobody is left to remove them) until the next attach removes those whose numbers
+    sysfs no longer gives their names."""
+    import nsrun
+
+    import loopdev
+
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, gpt], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    name, parts = proc.stdout.readline().split(" ", 1)
+    nsrun.used(name)
+    parts_list = parts.split()
+    assert all(os.path.exists(f"/dev/{p}") for p in parts_list)
+    proc.kill()
+    proc.wait()
+    assert nsrun.wait_unbound(gpt) == []
+    assert all(os.path.exists(f"/dev/{p}") for p in parts_list)  # stale: nobody removed them
+    dev = loopdev.attach(plain)
+    nsrun.used(dev.name)
+    try:
+        left = [p for p in parts_list if os.path.exists(f"/dev/{p}")]
+    finally:
+        dev.detach()
+    return {"left": left}
+
+
+def test_nodes_of_a_killed_process_go_at_the_next_attach(tmp_path: Path, devices: None) -> None:
+    import nsrun
+
+    gpt = gpt_image(tmp_path / "gpt.img")
+    plain = sparse(tmp_path / "plain.img", 4 * MiB)
+    out = nsrun.run(body_killed_holders_nodes_go, str(gpt), str(plain), images=[gpt, plain])
+    assert out["left"] == []
+
+
+def body_premade_wrong_node_stays(image: str) -> dict[str, object]:
+    """Every /dev/loopK the container has points at another loop device: attach
+    replaces the one it uses, and after detach a right node is left in its place."""
+    import nsrun
+
+    import loopdev
+
+    names = sorted(nsrun.loop_names(), key=lambda n: int(n[4:]))
+    for name, other in zip(names, names[1:] + names[:1], strict=True):
+        os.mknod(f"/dev/{name}", stat.S_IFBLK | 0o600, os.makedev(*nsrun.sysfs_devt(other)))
+    dev = loopdev.attach(image)
+    nsrun.used(dev.name)
+    try:
+        assert dev.name in names, f"{dev.name} had no premade node: inconclusive"
+        nsrun.assert_opens_as(dev.path, dev.name)
+    finally:
+        dev.detach()
+    st = os.stat(dev.path)
+    return {
+        "blk": stat.S_ISBLK(st.st_mode),
+        "right": os.makedev(*nsrun.sysfs_devt(dev.name)) == st.st_rdev,
+    }
+
+
+def test_a_premade_wrong_node_is_not_lost(tmp_path: Path, devices: None) -> None:
+    import nsrun
+
+    image = sparse(tmp_path / "plain.img", 4 * MiB)
+    out = nsrun.run(body_premade_wrong_node_stays, str(image), images=[image])
+    assert out == {"blk": True, "right": True}

@@ -359,6 +359,7 @@ def publish_nodes(index: int, config: _native.Config, mode: int = 0o600) -> None
         (p.name, (p.major, p.minor)) for p in parts
     ]
     try:
+        nodes.remove_stale_marked(DEV)
         made = nodes.NodeSet(DEV)
     except OSError:  # untested: /dev was opened for the attach just before
         return

@@ -15,7 +15,7 @@ import errno
 import os
 import stat
 
-from loopdev import _native
+from loopdev import _native, sysfs
 from loopdev.errors import DeviceNodeError
 
 DevT = tuple[int, int]
@@ -136,6 +136,16 @@ def _bind_host_node(dir_fd: int, name: str, devt: DevT) -> None:
 # Nodes loopdev made in /dev carry this mark, so that a later process (the
 # CLI's detach) removes what an attach made and nothing else.
 _MARK = "trusted.loopdev"
+
+
+def _loop_node_name(name: str) -> bool:
+    """``loopN`` or ``loopNpM`` (no ``re``: it costs ``import loopdev`` milliseconds)."""
+    if not name.startswith("loop"):
+        return False
+    index, sep, part = name[4:].partition("p")
+    return index.isdigit() and (part.isdigit() or not sep)
+
+
 _devtmpfs: bool | None = None
 
 
@@ -167,7 +177,12 @@ class NodeSet:
         was there already belongs to whoever made it. In a private directory a
         right one is a leftover of ours (a killed process) and goes too.
         """
+        # A whole-device node the container had, with wrong numbers: replaced by a
+        # right one that stays (unmarked) when the device goes, so /dev keeps its loopN.
+        kept = mark and name[4:].isdigit() and _exists(self.dir_fd, name)
         made = place_node(self.dir_fd, name, devt, mode, where=self.where)
+        if kept:
+            return
         if made or not mark:
             self.made.append((name, devt))
         if made and mark:
@@ -186,6 +201,37 @@ class NodeSet:
         if self.dir_fd >= 0:
             os.close(self.dir_fd)
             self.dir_fd = -1
+
+
+def _exists(dir_fd: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def remove_stale_marked(directory: str) -> None:
+    """Remove the nodes loopdev made in ``directory`` (they carry the mark) whose
+    numbers are no longer those sysfs gives their name: those of a process killed
+    before it could remove them. A partition's minor under major 259 goes to the
+    next partition of any disk, so such a node could reach another device.
+    """
+    for name in os.listdir(directory):
+        if not _loop_node_name(name):
+            continue
+        path = f"{directory}/{name}"
+        try:
+            st = os.stat(path, follow_symlinks=False)
+            if not stat.S_ISBLK(st.st_mode):
+                continue
+            now = sysfs.devt(name)
+            if now is not None and os.makedev(*now) == st.st_rdev:
+                continue  # right for the device that has the name now
+            os.getxattr(path, _MARK, follow_symlinks=False)
+            os.unlink(path)
+        except OSError:
+            continue  # gone meanwhile, or not ours
 
 
 def remove_marked(directory: str, device: str) -> None:
