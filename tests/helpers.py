@@ -14,9 +14,11 @@ import contextlib
 import fcntl
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -190,6 +192,32 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
         timeout=120,
         check=False,
     )
+
+
+def run_example(argv: list[str], cwd: Path, env: dict[str, str], timeout: float = 120) -> None:
+    """Run a documentation example; it must exit 0 (its output in the failure).
+
+    Its own process group, output to a file: a background job the example
+    started (the broker) neither holds a pipe open nor outlives the test.
+    """
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(
+            argv,
+            cwd=cwd,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            status = proc.wait(timeout)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.seek(0)
+        assert status == 0, f"exit {status}\n{log.read()}"
 
 
 def child_argv(name: str, *args: str) -> list[str]:

@@ -7,11 +7,9 @@ errors.)
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -21,7 +19,7 @@ from pathlib import Path
 
 import brokerlib
 import pytest
-from helpers import register_backing, wait_unbound
+from helpers import register_backing, run_example, wait_unbound
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 BLOCK = re.compile(r"^\.\. code-block:: (python|sh)\n\n((?:(?:   .*)?\n)+)", re.M)
@@ -80,23 +78,4 @@ def test_example(language: str, code: str, shared_dir: Path) -> None:
         argv = [sys.executable, "-c", code]
     else:
         argv = ["bash", "-euo", "pipefail", "-c", code]
-    # Its own process group, output to a file: a background job the example
-    # started (the broker) neither holds a pipe open nor outlives the test.
-    with tempfile.TemporaryFile("w+") as log:
-        proc = subprocess.Popen(
-            argv,
-            cwd=shared_dir,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
-        try:
-            status = proc.wait(120)
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.seek(0)
-        assert status == 0, f"exit {status}\n{log.read()}"
+    run_example(argv, shared_dir, env)

@@ -5,11 +5,9 @@ every shell block except the lines that install the package or run this suite
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -18,7 +16,7 @@ from pathlib import Path
 
 import brokerlib
 import pytest
-from helpers import register_backing, wait_unbound
+from helpers import register_backing, run_example, wait_unbound
 from images import SFDISK, MiB, make_image, sfdisk_image
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -72,26 +70,7 @@ def test_readme_shell(block: str, shared_dir: Path) -> None:
     bindir = os.path.dirname(sys.executable)
     env = dict(os.environ, PATH=f"{bindir}:{os.environ.get('PATH', '')}")
     try:
-        # Its own process group, output to a file: a background job the block
-        # started (the broker) neither holds a pipe open nor outlives the test.
-        with tempfile.TemporaryFile("w+") as log:
-            proc = subprocess.Popen(
-                ["bash", "-euo", "pipefail", "-c", "\n".join(lines)],
-                cwd=shared_dir,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                text=True,
-                start_new_session=True,
-            )
-            try:
-                code = proc.wait(120)
-            finally:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            log.seek(0)
-            assert code == 0, f"exit {code}\n{log.read()}"
+        run_example(["bash", "-euo", "pipefail", "-c", "\n".join(lines)], shared_dir, env)
     finally:
         if (shared_dir / "disk.img").exists():
             register_backing(shared_dir / "disk.img")  # outside tmp_path: tell the leak check
