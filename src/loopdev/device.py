@@ -148,7 +148,7 @@ class DeviceInfo:
 
     @property
     def minor(self) -> int:
-        """Deprecated alias of :attr:`index`."""
+        """Deprecated alias of ``index``."""
         _minor_deprecated("DeviceInfo")
         return self.index
 
@@ -253,7 +253,7 @@ class LoopDevice:
 
     @property
     def minor(self) -> int:
-        """Deprecated alias of :attr:`index`."""
+        """Deprecated alias of ``index``."""
         _minor_deprecated("LoopDevice")
         return self.index
 
