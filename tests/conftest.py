@@ -3,7 +3,8 @@
 A test that needs a device asks for the ``devices`` fixture: it skips where no
 device can be had, and fails instead when ``LOOPDEV_REQUIRE_DEVICES=1`` (CI).
 Every test is checked afterwards for devices left bound to its files
-(``_no_leaked_devices``). Helpers shared by the tests are in ``helpers.py``.
+(``_no_leaked_devices``). Test modules import what they share from ``helpers.py``
+(devices, children), ``images.py`` (disk images) and ``brokerlib.py`` (the broker).
 """
 
 from __future__ import annotations
@@ -17,11 +18,6 @@ import brokerlib
 import helpers
 import pytest
 from helpers import bindings, forget_registered, leaked_devices, reap, release
-
-# Re-exported: test modules import these from conftest; they live in helpers.py.
-from helpers import bound_under as bound_under
-from helpers import open_fds as open_fds
-from helpers import wait_unbound as wait_unbound
 
 REQUIRE_DEVICES = os.environ.get("LOOPDEV_REQUIRE_DEVICES") == "1"
 
