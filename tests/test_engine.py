@@ -5,7 +5,8 @@
 - compat ``set_status`` that moves the offset moves the partitions with it;
 - compat records the backing path in ``lo_file_name``;
 - ``loopdev.open()`` does not leak its fd into a later ``detach()``;
-- typed errors for input that alone decides the outcome.
+- typed errors for input that alone decides the outcome;
+- the binding's failures name their stage; ``errors`` words them.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import errno
 import gc
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -24,7 +26,7 @@ from helpers import bound_under
 from images import MiB, gpt_image, make_image, sfdisk_4k
 
 import loopdev
-from loopdev import _native
+from loopdev import _native, errors
 from loopdev.errors import BackingFileError, DeviceNodeError, LoopError
 
 
@@ -142,6 +144,20 @@ def test_typed_errors(tmp_path: Path, devices: None, call: object, cls: type, co
         call(tmp_path)  # type: ignore[operator]
     assert exc.value.errno == code
     assert bound_under(str(tmp_path)) == []
+
+
+def test_stage_errors_carry_the_stage_and_the_advice() -> None:
+    """The binding raises what errors builds from (errno, stage, device): the class and
+    the words come from the stage, and the stage survives pickling (the broker)."""
+    exc = errors.stage_failed(errno.EPERM, "open", device="/dev/loop7")
+    assert isinstance(exc, DeviceNodeError)
+    assert (exc.errno, exc.stage, exc.device) == (errno.EPERM, "open", "/dev/loop7")
+    assert "--device-cgroup-rule" in str(exc)
+    back = pickle.loads(pickle.dumps(exc))
+    assert (type(back), back.stage, str(back)) == (type(exc), exc.stage, str(exc))
+    busy = errors.retries_exhausted(errno.EBUSY, "lock", device=None, backing="/x.img")
+    assert (type(busy), busy.stage) == (errors.DeviceBusy, "lock")
+    assert str(busy).startswith("every free device was locked")
 
 
 def test_o_path_fd_is_refused_before_any_device(tmp_path: Path, devices: None) -> None:

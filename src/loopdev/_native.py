@@ -1,7 +1,8 @@
 """The only module that touches ``ffi``/``lib``: typed wrappers over the shim.
 
 Every C function answers ``-errno`` on failure; here that becomes a typed
-:mod:`loopdev.errors` exception carrying the device and backing paths.
+:mod:`loopdev.errors` exception carrying the errno, the failed call or stage
+and the device and backing paths. The words and advice are ``errors``'.
 """
 
 from __future__ import annotations
@@ -139,118 +140,27 @@ class LoopInfo:
 
 
 # -------------------------------------------------------------------- errors
-
-_STAGE_WHAT = {
-    lib.LD_STAGE_GET_FREE: "asking loop-control for a free device",
-    lib.LD_STAGE_OPEN: "opening the loop device",
-    lib.LD_STAGE_NODE: "making a private device node",
-    lib.LD_STAGE_CHECK: "checking the loop device node",
-    lib.LD_STAGE_LOCK: "locking the loop device",
-    lib.LD_STAGE_PARTITIONS: "deleting partitions a previous attachment left on the device",
-    lib.LD_STAGE_CONFIGURE: "binding the backing file (LOOP_CONFIGURE)",
-    lib.LD_STAGE_SET_FD: "binding the backing file (LOOP_SET_FD)",
-    lib.LD_STAGE_SET_STATUS: "setting offset, size limit and flags (LOOP_SET_STATUS64)",
-    lib.LD_STAGE_BLOCK_SIZE: "setting the logical block size (LOOP_SET_BLOCK_SIZE)",
-    lib.LD_STAGE_DIRECT_IO: "enabling direct I/O (LOOP_SET_DIRECT_IO)",
-    lib.LD_STAGE_VERIFY: "checking what the kernel applied",
+# The shim's stages by name; loopdev.errors words the failures.
+_STAGES = {
+    lib.LD_STAGE_GET_FREE: "get_free",
+    lib.LD_STAGE_OPEN: "open",
+    lib.LD_STAGE_NODE: "node",
+    lib.LD_STAGE_CHECK: "check",
+    lib.LD_STAGE_LOCK: "lock",
+    lib.LD_STAGE_PARTITIONS: "partitions",
+    lib.LD_STAGE_CONFIGURE: "configure",
+    lib.LD_STAGE_SET_FD: "set_fd",
+    lib.LD_STAGE_SET_STATUS: "set_status",
+    lib.LD_STAGE_BLOCK_SIZE: "block_size",
+    lib.LD_STAGE_DIRECT_IO: "direct_io",
+    lib.LD_STAGE_VERIFY: "verify",
 }
 
-# What the last race seen means when the retries ran out.
-_EXHAUSTED_WHY = {
-    lib.LD_STAGE_OPEN: "every free device was being released or removed by another "
-    "process when we opened it",
-    lib.LD_STAGE_LOCK: "every free device was locked (flock) by another process",
-    lib.LD_STAGE_PARTITIONS: "every free device had a partition of an earlier attachment "
-    "still open",
-    lib.LD_STAGE_CONFIGURE: "every free device was bound by another process, or still held "
-    "by its last user, before we could configure it",
-    lib.LD_STAGE_SET_FD: "every free device was bound by another process, or still held "
-    "by its last user, before we could configure it",
-}
 
-_STAGE_ERRORS: dict[int, tuple[type[errors.LoopError], str]] = {
-    lib.LD_STAGE_GET_FREE: (
-        errors.NoFreeDevice,
-        "no loop device is free or can be created (all in use, or max_loop reached)",
-    ),
-    lib.LD_STAGE_VERIFY: (
-        errors.ConfigureError,
-        "the kernel did not apply the requested offset, size limit, flags or block size",
-    ),
-    lib.LD_STAGE_DIRECT_IO: (
-        errors.BackingFileError,
-        "direct I/O was required but the backing file refuses O_DIRECT; "
-        "use direct_io='auto' or False",
-    ),
-    lib.LD_STAGE_PARTITIONS: (
-        errors.DeviceBusy,
-        "a partition left by a previous attachment of this device is still open; "
-        "close or unmount it",
-    ),
-}
-
-_NODE_FIX = {
-    errno.EPERM: "making a device node needs CAP_MKNOD; in a container run with --privileged, "
-    "or mount devtmpfs on /dev (-v /dev:/dev)",
-    errno.EROFS: "/dev is read-only; mount devtmpfs on /dev (-v /dev:/dev) or make /dev writable",
-    errno.EACCES: "device nodes are not usable there (nodev mount or no permission); "
-    "mount devtmpfs on /dev (-v /dev:/dev)",
-}
-
-_CONFIGURE_STAGES = (
-    lib.LD_STAGE_CONFIGURE,
-    lib.LD_STAGE_SET_FD,
-    lib.LD_STAGE_SET_STATUS,
-    lib.LD_STAGE_BLOCK_SIZE,
-)
-_REFUSED = (errno.EBADF, errno.EINVAL, errno.EACCES, errno.EPERM, errno.EROFS)
-
-
-def _fail(
-    err: int, what: str, device: str | None, backing: str | None, stage: int = 0
-) -> errors.LoopError:
-    """Pick the typed error for ``-err`` at ``stage``, with an actionable message."""
-    code = -err
-    if stage in _STAGE_ERRORS:
-        cls, message = _STAGE_ERRORS[stage]
-        return cls(code, message, device=device, backing=backing)
-    if stage == lib.LD_STAGE_NODE:
-        fix = _NODE_FIX.get(code, "mount devtmpfs on /dev (-v /dev:/dev)")
-        return errors.DeviceNodeError(
-            code,
-            f"/dev has no usable node for the device and loopdev cannot make one: {fix}",
-            device=device,
-        )
-    if stage == lib.LD_STAGE_OPEN and code in (errno.EPERM, errno.EACCES):
-        return errors.DeviceNodeError(
-            code,
-            "opening the loop device was refused (a container's device cgroup?): allow block "
-            "devices 7:* and 259:* (docker --device-cgroup-rule 'b 7:* rmw' --device-cgroup-rule "
-            "'b 259:* rmw') or run with --privileged",
-            device=device,
-        )
-    if stage == lib.LD_STAGE_OPEN and code == errno.ENOENT:
-        return errors.DeviceNodeError(
-            code, "no device node for the device in the device directory", device=device
-        )
-    if code == errno.EBUSY:
-        return errors.DeviceBusy(code, f"device busy while {what}", device=device, backing=backing)
-    if stage in _CONFIGURE_STAGES and code in _REFUSED:
-        return errors.ConfigureError(
-            code,
-            f"the kernel refused {what}: check the block size (512..4096, a power of "
-            "two), the offset and size limit, and that the backing fd is a regular "
-            "file or block device opened with a mode that allows the request",
-            device=device,
-            backing=backing,
-        )
-    return errors.LoopError(code, f"failed {what}", device=device, backing=backing)
-
-
-def check(ret: int, what: str, device: str | None = None, backing: str | None = None) -> int:
+def check(ret: int, call: str, device: str | None = None, backing: str | None = None) -> int:
     """Return ``ret`` when non-negative, else raise the typed error for ``-ret``."""
     if ret < 0:
-        raise _fail(ret, what, device, backing)
+        raise errors.call_failed(-ret, call, device=device, backing=backing)
     return ret
 
 
@@ -287,8 +197,8 @@ def get_status(fd: int, *, device: str | None = None) -> LoopInfo:
     raw = ffi.new("struct loop_info64 *")
     err = lib.ld_get_status(fd, raw)
     if err == -errno.ENXIO:
-        raise errors.LoopError(errno.ENXIO, "device is not bound", device=device)
-    check(err, "reading the device status (LOOP_GET_STATUS64)", device)
+        raise errors.LoopError(errno.ENXIO, errors.NOT_BOUND, device=device)
+    check(err, "get_status", device)
     info = LoopInfo()
     for name in INT_FIELDS:
         setattr(info, name, getattr(raw, name))
@@ -306,7 +216,7 @@ def set_status(fd: int, info: LoopInfo, *, device: str | None = None) -> None:
     for name, size in BYTES_FIELDS.items():
         setattr(raw, name, getattr(info, name)[:size])
     raw.lo_init = list(info.lo_init)
-    check(lib.ld_set_status(fd, raw), "setting the device status (LOOP_SET_STATUS64)", device)
+    check(lib.ld_set_status(fd, raw), "set_status", device)
 
 
 def blkpg(dev_fd: int, op: int, pno: int, start: int = 0, length: int = 0, *, device: str) -> None:
@@ -322,7 +232,7 @@ def delete_partitions(dev_fd: int, index: int, *, bound: bool = False) -> int:
     """
     return check(
         lib.ld_del_partitions(dev_fd, index, 1 if bound else -1),
-        "deleting partitions (one may be mounted or open)",
+        "delete_partitions",
         f"/dev/loop{index}",
     )
 
@@ -344,9 +254,7 @@ def open_private(dir_fd: int, index: int, part_shift: int) -> int:
     """``loop{index}`` through a node of our own below ``dir_fd``, unlinked at once."""
     ret = lib.ld_open_private(dir_fd, index, part_shift)
     if ret < 0:
-        raise _fail(
-            ret, _STAGE_WHAT[lib.LD_STAGE_NODE], f"/dev/loop{index}", None, lib.LD_STAGE_NODE
-        )
+        raise errors.stage_failed(-ret, "node", device=f"/dev/loop{index}")
     return int(ret)
 
 
@@ -397,7 +305,7 @@ def sysfs_info(name: str) -> SysfsInfo | None:
     err = lib.ld_sysfs_info(name.encode(), raw)
     if err == -errno.ENXIO:
         return None
-    check(err, "reading sysfs", f"/sys/block/{name}")
+    check(err, "sysfs", f"/sys/block/{name}")
     return SysfsInfo(raw)
 
 
@@ -447,11 +355,8 @@ def _fill_config(raw: Any, config: Config, backing_fd: int) -> Any:
             ("block size", config.block_size, 32),
         ):
             if not 0 <= value < 1 << bits:
-                raise errors.ConfigureError(
-                    errno.EINVAL,
-                    f"{field} {value} is out of range (0 to 2**{bits} - 1)",
-                    backing=config.file_name or fd_path(backing_fd),
-                ) from None
+                backing = config.file_name or fd_path(backing_fd)
+                raise errors.out_of_range(field, value, bits, backing=backing) from None
         raise
     raw.flags = config.flags
     raw.direct_io = config.direct_io
@@ -478,8 +383,10 @@ def bind(dev_fd: int, index: int, backing_fd: int, config: Config, *, device: st
     _name = _fill_config(raw, config, backing_fd)
     err = lib.ld_bind(dev_fd, index, backing_fd, raw, stage)
     if err < 0:
-        what = _STAGE_WHAT.get(stage[0], "configuring")
-        raise _fail(err, what, device, config.file_name or fd_path(backing_fd), stage[0])
+        backing = config.file_name or fd_path(backing_fd)
+        raise errors.stage_failed(
+            -err, _STAGES.get(stage[0], "bind"), device=device, backing=backing
+        )
 
 
 # Parsed once: ffi.new() of a C type name looks the name up on every call.
@@ -534,17 +441,12 @@ def _run_signal_handlers() -> None:
 
 def _attach_error(res: Any, err: int, backing: str | None) -> errors.LoopError:
     device = f"/dev/loop{res.index}" if res.index >= 0 else None
+    stage = _STAGES.get(res.stage, "attach")
     if res.exhausted:
-        why = _EXHAUSTED_WHY.get(res.stage, f"the last attempt failed {_STAGE_WHAT[res.stage]}")
-        return errors.DeviceBusy(
-            -err,
-            f"{why}; retries exhausted, try again or reduce the number of concurrent attaches",
-            device=device,
-            backing=backing,
-        )
-    if res.stage == lib.LD_STAGE_CHECK and err == -errno.ENODEV:
+        return errors.retries_exhausted(-err, stage, device=device, backing=backing)
+    if stage == "check" and err == -errno.ENODEV:
         return errors.UnexpectedDevice(res.index, res.rdev, res.mode)
-    return _fail(err, _STAGE_WHAT.get(res.stage, "attaching"), device, backing, res.stage)
+    return errors.stage_failed(-err, stage, device=device, backing=backing)
 
 
 def attach(
