@@ -578,6 +578,40 @@ static int verify(int dev_fd, const struct ld_config *c, const struct loop_info6
     return (uint32_t)bs == c->block_size ? 0 : -EINVAL;
 }
 
+/* Request shapes (which of offset, size limit, block size, autoclear,
+ * partscan, read-only were asked for) whose LOOP_CONFIGURE the read-back
+ * found applied as asked, one bit per shape: decided by trying, remembered
+ * per process, as for LOOP_CONFIGURE itself. What a kernel's LOOP_CONFIGURE
+ * applies does not depend on the device or the file for these settings:
+ * it applies each or refuses the call (drivers/block/loop.c, loop_configure:
+ * loop_set_status_from_info() takes offset and size limit, lo_flags the
+ * flags, blk_validate_block_size() refuses a bad block size with EINVAL).
+ * The exceptions are kernel versions, not calls: vanilla 5.8 ignored the
+ * size limit (fixed in 5.9 by commit 79e5dc59e297, "loop: Set correct device
+ * size when using LOOP_CONFIGURE") and partscan (commit fe6a8fc5ed2f, "loop:
+ * unset GENHD_FL_NO_PART_SCAN on LOOP_CONFIGURE"), so the first configure of
+ * each shape is read back and a shape the kernel got wrong is never marked.
+ * Direct I/O is never marked: the backing file decides whether the kernel
+ * keeps it. This spares one LOOP_GET_STATUS64 per attach (issue 17). */
+static uint64_t proven_shapes;
+
+static unsigned config_shape(const struct ld_config *c, int scan)
+{
+    return (c->offset ? 1u : 0) | (c->sizelimit ? 2u : 0) | (c->block_size ? 4u : 0) |
+           (c->flags & LO_FLAGS_AUTOCLEAR ? 8u : 0) | (scan ? 16u : 0) |
+           (c->flags & LO_FLAGS_READ_ONLY ? 32u : 0);
+}
+
+static int shape_proven(unsigned shape)
+{
+    return (__atomic_load_n(&proven_shapes, __ATOMIC_RELAXED) >> shape) & 1;
+}
+
+static void prove_shape(unsigned shape)
+{
+    __atomic_fetch_or(&proven_shapes, (uint64_t)1 << shape, __ATOMIC_RELAXED);
+}
+
 /* Read back what the kernel applied, and finish what it did not: partscan
  * where LOOP_CONFIGURE ignored it (vanilla 5.8, util-linux PR #1152) or where
  * it was left out for want of the lock; direct I/O where asked and not on
@@ -586,17 +620,21 @@ static int verify(int dev_fd, const struct ld_config *c, const struct loop_info6
  * survives kernels that cleared PARTSCAN on every SET_STATUS64 (fixed by
  * commit 5aa21b0495df). Then verify: vanilla 5.8 ignored sizelimit too, and
  * direct I/O can be refused silently. One LOOP_GET_STATUS64 when everything
- * was applied. */
-static int settle(int dev_fd, const struct ld_config *c, int *stage)
+ * was applied; none after a LOOP_CONFIGURE of a proven shape (above).
+ * as_asked: 0 when partscan had to be turned on after the configure. */
+static int settle(int dev_fd, const struct ld_config *c, int *stage, int *as_asked)
 {
     struct loop_info64 info;
     int r;
+
+    *as_asked = 1;
 
     *stage = LD_STAGE_VERIFY;
     if (ld_get_status(dev_fd, &info) < 0)
         return neg_errno();
     if ((c->flags & LO_FLAGS_PARTSCAN) && !(info.lo_flags & LO_FLAGS_PARTSCAN)) {
         *stage = LD_STAGE_SET_STATUS;
+        *as_asked = 0;
         info.lo_flags = (info.lo_flags & LO_FLAGS_AUTOCLEAR) | LO_FLAGS_PARTSCAN;
         r = ld_set_status(dev_fd, &info);
         if (r == 0)
@@ -630,14 +668,23 @@ static int configure(int dev_fd, int backing_fd, const struct ld_config *c, int 
             lock_fd = lock_for_setup(dev_fd);
         scan = dev_locked || lock_fd >= 0;
     }
-    if (__atomic_load_n(&force_fallback, __ATOMIC_RELAXED) || !probe_configure(dev_fd)) {
+    int legacy = __atomic_load_n(&force_fallback, __ATOMIC_RELAXED) || !probe_configure(dev_fd);
+    /* LOOP_CONFIGURE of a shape proven applied before needs no read-back;
+     * partscan asked for but left out for want of the lock must be settled. */
+    int trust = !legacy && !c->direct_io && (scan || !(c->flags & LO_FLAGS_PARTSCAN));
+    unsigned shape = config_shape(c, scan);
+    if (legacy) {
         r = bind_legacy(dev_fd, backing_fd, c, scan, stage, &bound);
     } else {
         r = bind_configure(dev_fd, backing_fd, c, scan, stage);
         bound = r == 0;
     }
-    if (r == 0)
-        r = settle(dev_fd, c, stage);
+    if (r == 0 && !(trust && shape_proven(shape))) {
+        int as_asked;
+        r = settle(dev_fd, c, stage, &as_asked);
+        if (r == 0 && trust && as_asked)
+            prove_shape(shape);
+    }
     if (r < 0 && bound)
         ioctl(dev_fd, LOOP_CLR_FD, 0);
     if (lock_fd >= 0)
