@@ -134,7 +134,9 @@ def _options(parser: argparse.ArgumentParser) -> list[Option]:
 def commands() -> tuple[list[Option], list[Command]]:
     """The top-level options and each command, in the parser's order."""
     parser = build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    sub: argparse._SubParsersAction[argparse.ArgumentParser] = next(
+        a for a in parser._actions if isinstance(a, argparse._SubParsersAction)
+    )
     helps = {c.dest: c.help or "" for c in sub._choices_actions}
     found = []
     for name, p in sub.choices.items():
@@ -150,8 +152,10 @@ def _losetup_options() -> list[Option]:
         m = re.fullmatch(r"\s*((?:--?[\w-]+(?:, )?)+)(.*)", spelled)
         if m is None:
             continue
-        names = [n.strip() for n in m.group(1).split(",")]
-        rest = m.group(2).strip()
+        spelled_names: str = m.group(1)
+        rest: str = m.group(2)
+        names = [n.strip() for n in spelled_names.split(",")]
+        rest = rest.strip()
         optional = rest.startswith("[=")
         metavar = rest[2:-1] if optional else rest or None
         found.append(Option(names, metavar, text, optional))

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from loopdev.device import DeviceInfo, DirectIO, LoopDevice
 
     _T = TypeVar("_T")
+    _N = TypeVar("_N", int, float)
 
 __all__ = ["main", "parse_size"]
 
@@ -41,9 +42,11 @@ PROG = "loopdev"
 # Suffix -> multiplier. "K"/"KiB" are 1024-based like losetup's; "KB" is the
 # 1000-based form util-linux also accepts.
 _UNITS = {"": 1, "B": 1}
-for _power, _letter in enumerate("KMGTPE", start=1):
-    _UNITS[_letter] = _UNITS[_letter + "IB"] = 1024**_power
-    _UNITS[_letter + "B"] = 1000**_power
+_binary = _decimal = 1
+for _letter in "KMGTPE":
+    _binary, _decimal = _binary * 1024, _decimal * 1000
+    _UNITS[_letter] = _UNITS[_letter + "IB"] = _binary
+    _UNITS[_letter + "B"] = _decimal
 _SIZE_RE = re.compile(r"\s*(-?)(0[xX][0-9a-fA-F]+|[0-9]+)\s*([a-zA-Z]*)\s*\Z")
 
 _DIRECT_IO: dict[str, DirectIO] = {"on": True, "off": False, "auto": "auto"}
@@ -63,6 +66,49 @@ _COLUMNS = (
 JsonValue = str | int | bool
 
 
+class Args(argparse.Namespace):
+    """The parsed command line, typed (a plain Namespace's attributes are ``Any``).
+
+    A subcommand's parser sets only its own options: reading another's fails
+    (AttributeError) as with a plain Namespace.
+    """
+
+    command: str
+    func: Callable[[Args], int]
+    subparser: argparse.ArgumentParser
+    debug: bool
+    # attach, run (and find: file)
+    file: str
+    offset: int
+    sizelimit: int
+    read_only: bool
+    partscan: bool
+    direct_io: str
+    sector_size: int | None
+    show: bool
+    nooverlap: bool
+    cmd: list[str]
+    # detach
+    all: bool
+    wait: float
+    targets: list[str]
+    # list, find, resize
+    json: bool
+    only: str | None
+    broker: str | None
+    at_offset: int | None
+    device: str
+    # serve
+    socket: str | None
+    allow_user: list[int]
+    allow_group: list[int]
+    max_per_client: int
+    max_devices: int
+    allow_block_devices: bool
+    node_dir: str
+    timeout: float
+
+
 def parse_size(text: str) -> int:
     """``"4096"``, ``"0x1000"``, ``"4K"``, ``"4KiB"`` (1024-based) or ``"4KB"`` (1000-based).
 
@@ -70,7 +116,8 @@ def parse_size(text: str) -> int:
     negative offset with a message naming the file.
     """
     m = _SIZE_RE.match(text)
-    unit = _UNITS.get(m.group(3).upper()) if m else None
+    suffix: str = m.group(3) if m else ""
+    unit = _UNITS.get(suffix.upper()) if m else None
     if m is None or unit is None:
         raise argparse.ArgumentTypeError(
             f"invalid size {text!r} (bytes, or with a suffix K, M, G, T, KiB, MiB, ...)"
@@ -183,7 +230,10 @@ _CLI_TERMS = (
 def _message(exc: BaseException) -> str:
     """One line for ``exc``: LoopError's own text, else ``path: reason``; in CLI terms."""
     if isinstance(exc, OSError) and not isinstance(exc, LoopError) and exc.strerror:
-        where = [str(f) for f in (exc.filename, exc.filename2) if f is not None]
+        # typeshed: Any
+        source: object = exc.filename
+        target: object = exc.filename2
+        where = [str(f) for f in (source, target) if f is not None]
         text = f"{' -> '.join(where)}: {exc.strerror}" if where else exc.strerror
     else:
         text = str(exc) or type(exc).__name__
@@ -284,7 +334,7 @@ def _warn_if_tiny(path: str, offset: int) -> None:
         )
 
 
-def cmd_attach(args: argparse.Namespace) -> int:
+def cmd_attach(args: Args) -> int:
     """Attach FILE to a free device that stays bound after we exit."""
     if os.environ.get("LOOPDEV_BROKER"):
         raise LoopError(
@@ -326,7 +376,7 @@ def cmd_attach(args: argparse.Namespace) -> int:
 
 
 def _attach_file(
-    args: argparse.Namespace, backing: str | int, read_only: bool, *, run: bool | None = None
+    args: Args, backing: str | int, read_only: bool, *, run: bool | None = None
 ) -> LoopDevice:
     """``attach`` (``run`` None): a device that outlives us, locked while configured.
     ``run`` True/False: an autoclear device, locked where ``run`` is True (through
@@ -352,7 +402,7 @@ def _attach_file(
 _CANNOT_EXECUTE, _NOT_FOUND = 126, 127
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def cmd_run(args: Args) -> int:
     """Attach FILE for exactly the life of COMMAND; exit with COMMAND's status.
 
     The device is released afterwards whatever happens to COMMAND; if loopdev
@@ -482,7 +532,7 @@ def _detach_targets(arg: str) -> list[tuple[str, str | None]]:
     raise LoopError(errno.EINVAL, "neither a loop device nor a backing file", backing=arg)
 
 
-def cmd_detach(args: argparse.Namespace) -> int:
+def cmd_detach(args: Args) -> int:
     """Detach devices, every device of a backing file, or (``--all``) every device."""
     from loopdev.device import devices
 
@@ -508,7 +558,7 @@ def cmd_detach(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def cmd_list(args: argparse.Namespace) -> int:
+def cmd_list(args: Args) -> int:
     """Show bound devices as losetup -l (or -J -l) does."""
     from loopdev.device import devices
 
@@ -518,29 +568,30 @@ def cmd_list(args: argparse.Namespace) -> int:
 
         names = {d.get("name") for d in list_devices(args.broker)}
         infos = [i for i in infos if i.name in names]
-    if args.device is not None:
-        name = _device_arg(args.device)
+    if args.only is not None:
+        name = _device_arg(args.only)
         infos = [i for i in infos if i.name == name]
         if not infos:
             raise LoopError(errno.ENXIO, "device is not bound", device=f"/dev/{name}")
     if args.json:
-        _out(json.dumps({"loopdevices": [_row(i) for i in infos]}, indent=3, ensure_ascii=False))
+        document = {"loopdevices": [_row(i) for i in infos]}
+        _out(json.dumps(document, indent=3, ensure_ascii=False))
     elif infos:
         # Like losetup: no devices, no output (not even the header).
         _out(format_table(infos))
     return 0
 
 
-def cmd_find(args: argparse.Namespace) -> int:
+def cmd_find(args: Args) -> int:
     """Print the devices backed by FILE (optionally at an offset), one path a line."""
     from loopdev.device import find
 
-    for info in find(args.file, args.offset):
+    for info in find(args.file, args.at_offset):
         _out(info.path)
     return 0
 
 
-def cmd_resize(args: argparse.Namespace) -> int:
+def cmd_resize(args: Args) -> int:
     """Make DEVICE pick up its backing file's new size (losetup -c)."""
     from loopdev.device import open_device
 
@@ -557,6 +608,7 @@ def cmd_resize(args: argparse.Namespace) -> int:
 
 def _attach_options(p: argparse.ArgumentParser) -> None:
     """The options ``attach`` and ``run`` share: how the device is set up."""
+    direct_io: list[str] = sorted(_DIRECT_IO)
     p.add_argument(
         "-o",
         "--offset",
@@ -579,7 +631,7 @@ def _attach_options(p: argparse.ArgumentParser) -> None:
         nargs="?",
         const="on",
         default="off",
-        choices=sorted(_DIRECT_IO),
+        choices=direct_io,
         metavar="on|off|auto",
         help="direct I/O on the backing file: on, off or auto (where the file allows it); "
         "default off, as in losetup; alone means on, so give a value as --direct-io=VALUE",
@@ -615,7 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def command(
         name: str,
-        func: Callable[[argparse.Namespace], int],
+        func: Callable[[Args], int],
         help: str,
     ) -> argparse.ArgumentParser:
         p = sub.add_parser(name, parents=[debug], help=help, description=help)
@@ -663,7 +715,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("list", cmd_list, "show bound devices (losetup -l)")
     p.add_argument("-J", "--json", action="store_true", help="as losetup -J -l")
-    p.add_argument("device", nargs="?", metavar="DEVICE")
+    p.add_argument("only", nargs="?", metavar="DEVICE")
     p.add_argument(
         "--broker",
         metavar="PATH",
@@ -674,6 +726,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "-o",
         "--offset",
+        dest="at_offset",
         type=parse_size,
         default=None,
         metavar="N",
@@ -704,35 +757,44 @@ def _version() -> str:
 # --- serve -------------------------------------------------------------------------
 
 
-def _positive(kind: Callable[[str], _T]) -> Callable[[str], _T]:
-    def parse(text: str) -> _T:
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not value > 0:  # type: ignore[operator]
-            raise argparse.ArgumentTypeError(f"invalid value {text!r} (a positive number)")
-        return value
+def _positive(text: str, value: _N) -> _N:
+    if not value > 0:  # NaN too
+        raise argparse.ArgumentTypeError(f"invalid value {text!r} (a positive number)")
+    return value
 
-    return parse
+
+def _count(text: str) -> int:
+    try:
+        return _positive(text, int(text))
+    except ValueError:
+        return _positive(text, 0)
+
+
+def _seconds(text: str) -> float:
+    try:
+        return _positive(text, float(text))
+    except ValueError:
+        return _positive(text, 0.0)
+
+
+def _id(text: str, lookup: Callable[[str], int], what: str) -> int:
+    """A number as it is, or a name that ``lookup`` finds (``KeyError`` where not)."""
+    try:
+        return int(text) if text.isdigit() else lookup(text)
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"no such {what}: {text}") from None
 
 
 def _user_id(text: str) -> int:
     import pwd
 
-    try:
-        return int(text) if text.isdigit() else pwd.getpwnam(text).pw_uid
-    except KeyError:
-        raise argparse.ArgumentTypeError(f"no such user: {text}") from None
+    return _id(text, lambda name: pwd.getpwnam(name).pw_uid, "user")
 
 
 def _group_id(text: str) -> int:
     import grp
 
-    try:
-        return int(text) if text.isdigit() else grp.getgrnam(text).gr_gid
-    except KeyError:
-        raise argparse.ArgumentTypeError(f"no such group: {text}") from None
+    return _id(text, lambda name: grp.getgrnam(name).gr_gid, "group")
 
 
 def _serve_arguments(p: argparse.ArgumentParser) -> None:
@@ -742,36 +804,31 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
         help="listen on PATH (default /run/loopdev/broker.sock; "
         "a socket passed by systemd socket activation comes first)",
     )
-    p.add_argument(
-        "--allow-user",
-        action="append",
-        type=_user_id,
-        default=[],
-        metavar="USER|UID",
-        help="let this user attach devices (repeatable; root always may)",
-    )
-    p.add_argument(
-        "--allow-group",
-        action="append",
-        type=_group_id,
-        default=[],
-        metavar="GROUP|GID",
-        help="let members of this group attach devices (repeatable)",
-    )
-    p.add_argument(
-        "--max-per-client",
-        type=_positive(int),
-        default=16,
-        metavar="N",
-        help="devices one user may hold at once (default 16)",
-    )
-    p.add_argument(
-        "--max-devices",
-        type=_positive(int),
-        default=256,
-        metavar="N",
-        help="devices the broker holds at once in total (default 256)",
-    )
+    for flag, parse, metavar, allowed in (
+        (
+            "--allow-user",
+            _user_id,
+            "USER|UID",
+            "let this user attach devices (repeatable; root always may)",
+        ),
+        (
+            "--allow-group",
+            _group_id,
+            "GROUP|GID",
+            "let members of this group attach devices (repeatable)",
+        ),
+    ):
+        ids: list[int] = []  # argparse appends to a copy
+        p.add_argument(
+            flag, action="append", type=parse, default=ids, metavar=metavar, help=allowed
+        )
+    for flag, most, held in (
+        ("--max-per-client", 16, "devices one user may hold at once"),
+        ("--max-devices", 256, "devices the broker holds at once in total"),
+    ):
+        p.add_argument(
+            flag, type=_count, default=most, metavar="N", help=f"{held} (default {most})"
+        )
     p.add_argument(
         "--allow-block-devices",
         action="store_true",
@@ -786,7 +843,7 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--timeout",
-        type=_positive(float),
+        type=_seconds,
         default=10.0,
         metavar="SECONDS",
         help="a request must arrive within SECONDS once started; a connection "
@@ -794,7 +851,7 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def cmd_serve(args: Args) -> int:
     """Run the broker until SIGTERM (see docs/BROKER.md)."""
     from loopdev import broker
 
@@ -842,7 +899,8 @@ def _output_cut() -> int:
     Points stdout at /dev/null so the flush at exit does not fail again.
     """
     devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
-    os.dup2(devnull, sys.stdout.fileno())
+    stdout: int = sys.stdout.fileno()
+    os.dup2(devnull, stdout)
     os.close(devnull)
     return 1
 
@@ -860,8 +918,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return losetup.main(given[1:], prog=f"{PROG} losetup")
     parser = build_parser()
-    args, unknown = parser.parse_known_args(_with_values(given))
-    sub: argparse.ArgumentParser = args.subparser
+    args, unknown = parser.parse_known_args(_with_values(given), namespace=Args())
+    sub = args.subparser
     if unknown:
         sub.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command == "detach" and args.all == bool(args.targets):
@@ -871,9 +929,8 @@ def main(argv: list[str] | None = None) -> int:
             args.cmd = args.cmd[1:]
         if not args.cmd:
             sub.error("run needs a command: loopdev run [OPTIONS] FILE -- COMMAND [ARG...]")
-    func: Callable[[argparse.Namespace], int] = args.func
     try:
-        status = func(args)
+        status = args.func(args)
         sys.stdout.flush()  # here, where a broken pipe can still be caught
         return status
     except BrokenPipeError:

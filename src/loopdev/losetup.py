@@ -414,7 +414,8 @@ def format_json(rows: Sequence[Row], columns: Sequence[str]) -> str:
             else:
                 obj[col.lower()] = os.fsencode(value).decode("utf-8", "backslashreplace")
         objects.append(obj)
-    text = json.dumps({"loopdevices": objects}, indent=3, ensure_ascii=False)
+    document = {"loopdevices": objects}
+    text = json.dumps(document, indent=3, ensure_ascii=False)
     # libsmartcols closes one object and opens the next on the same line.
     return text.replace("\n      },\n      {\n", "\n      },{\n")
 

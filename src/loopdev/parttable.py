@@ -116,6 +116,7 @@ _ZERO_CRC = bytes(4)
 
 # boot flag, (CHS), type, (CHS), first LBA, number of sectors
 _MBR_ENTRY = struct.Struct("<B3xB3xII")
+_MbrEntry = tuple[int, int, int, int]
 _U32 = struct.Struct("<I")
 # signature, revision, header size, header CRC, reserved, my LBA, alternate
 # LBA, first usable, last usable, disk GUID, entries LBA, entry count, entry
@@ -128,6 +129,37 @@ _GPT_GUID_LE = struct.Struct("<IHH8s")
 _GPT_GUID_BE = struct.Struct(">IHH8s")
 # first LBA, last LBA, (attributes), name
 _GPT_ENTRY_REST = struct.Struct("<32xQQ8x72s")
+
+
+# struct answers tuple[Any, ...]: these give each layout its field types.
+
+
+def _mbr_entries(sector: bytes) -> list[_MbrEntry]:
+    """The four partition entries of an MBR or EBR."""
+    return [_mbr_entry(sector, 446 + 16 * i) for i in range(4)]
+
+
+def _mbr_entry(sector: bytes, offset: int) -> _MbrEntry:
+    entry: _MbrEntry = _MBR_ENTRY.unpack_from(sector, offset)
+    return entry
+
+
+def _u32(raw: bytes, offset: int) -> int:
+    value: tuple[int] = _U32.unpack_from(raw, offset)
+    return value[0]
+
+
+def _gpt_entry(array: bytes, offset: int) -> tuple[int, int, bytes]:
+    """First LBA, last LBA and name of the GPT entry at ``offset``."""
+    entry: tuple[int, int, bytes] = _GPT_ENTRY_REST.unpack_from(array, offset)
+    return entry
+
+
+def _format_guid(raw: bytes, offset: int = 0) -> str:
+    """The GUID at ``offset`` in canonical form (lower case)."""
+    fields: tuple[int, int, int, bytes] = _GPT_GUID_LE.unpack_from(raw, offset)
+    h = _GPT_GUID_BE.pack(*fields).hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 class _Invalid(Exception):
@@ -162,7 +194,7 @@ def read_table(
     mbr = disk.head[:512]
     if len(mbr) < 512:
         return None
-    entries = [_MBR_ENTRY.unpack_from(mbr, 446 + 16 * i) for i in range(4)]
+    entries = _mbr_entries(mbr)
     signed = mbr[510:512] == _MBR_MAGIC
     # core.c check_part[]: efi_partition() runs before msdos_partition().
     # efi.c is_pmbr_valid()/pmbr_part_valid(): a GPT counts only behind an MBR
@@ -412,7 +444,8 @@ def _check_header(raw: bytes, ss: int, lba: int) -> _Header:
 
 def _gpt_array(disk: _Disk, ss: int, header: _Header, last_lba: int) -> bytes:
     """Read the entry array of a valid header and check its CRC (is_gpt_valid())."""
-    entries_lba, count, entry_size, entries_crc = header[10:14]
+    array_fields: tuple[int, int, int, int] = header[10:14]
+    entries_lba, count, entry_size, entries_crc = array_fields
     length = count * entry_size
     # efi.c read_lba(): nothing past last_lba, and a short read fails.
     if entries_lba > last_lba:
@@ -432,9 +465,6 @@ def _gpt_table(
     disk: _Disk, ss: int, header: _Header, array: bytes, last_lba: int
 ) -> PartitionTable:
     count = header[11]
-    unpack = _GPT_ENTRY_REST.unpack_from
-    guid_le = _GPT_GUID_LE.unpack_from
-    guid_be = _GPT_GUID_BE.pack
     types: dict[bytes, str] = {}  # type GUIDs repeat: format each once
     parts: list[Partition] = []
     notes: list[str] = []
@@ -447,7 +477,7 @@ def _gpt_table(
         if raw_type == _ZERO_GUID:
             continue  # unused entry
         number = index + 1
-        first, last, name = unpack(array, offset)
+        first, last, name = _gpt_entry(array, offset)
         if first > last_lba or last > last_lba:
             notes.append(
                 f"GPT partition {number} (LBAs {first}..{last}) is not registered: it "
@@ -466,7 +496,6 @@ def _gpt_table(
         ptype = types.get(raw_type)
         if ptype is None:
             ptype = types[raw_type] = _format_guid(raw_type)
-        h = guid_be(*guid_le(array, offset + 16)).hex()
         if name == _EMPTY_NAME:
             label = ""
         else:
@@ -480,7 +509,7 @@ def _gpt_table(
                 first * ss,
                 (last - first + 1) * ss,
                 ptype,
-                f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}",
+                _format_guid(array, offset + 16),
                 label,
             )
         )
@@ -499,11 +528,6 @@ def _gpt_table(
     return PartitionTable("gpt", ss, _format_guid(header[9]), tuple(parts), tuple(notes))
 
 
-def _format_guid(raw: bytes) -> str:
-    h = _GPT_GUID_BE.pack(*_GPT_GUID_LE.unpack(raw)).hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
-
-
 def _numbers(numbers: list[int]) -> str:
     if len(numbers) > 4:
         return f"{numbers[0]}, {numbers[1]}, ..., {numbers[-1]}"
@@ -512,7 +536,6 @@ def _numbers(numbers: list[int]) -> str:
 
 # --- MBR -------------------------------------------------------------------
 
-_MbrEntry = tuple[int, int, int, int]  # boot flag, type, first LBA, sectors
 # number -> (first 512-byte sector, 512-byte sectors, type byte, bootable)
 _Found = dict[int, tuple[int, int, int, bool]]
 
@@ -564,7 +587,7 @@ def _read_mbr(disk: _Disk, mbr: bytes, entries: list[_MbrEntry], ss: int) -> Par
         parts.append(
             Partition(number, start * 512, length * 512, f"0x{ptype:02x}", None, None, bootable)
         )
-    disk_id = f"0x{_U32.unpack_from(mbr, 440)[0]:08x}"
+    disk_id = f"0x{_u32(mbr, 440):08x}"
     return PartitionTable("dos", ss, disk_id, tuple(parts), tuple(notes))
 
 
@@ -629,7 +652,7 @@ def _parse_extended(
                 f"the EBR chain of extended partition {extended} loops back to byte "
                 f"{this_sector * 512}; the kernel registers its logical partitions again"
             )
-        entries = [_MBR_ENTRY.unpack_from(sector, 446 + 16 * i) for i in range(4)]
+        entries = _mbr_entries(sector)
         for slot, (boot, ptype, lba, count) in enumerate(entries):
             if not count or ptype in _EXTENDED_TYPES:
                 continue
