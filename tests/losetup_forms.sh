@@ -3,7 +3,8 @@
 #   == NAME
 #   <stdout>
 #   rc=<exit status>
-# Run in a directory holding a.img, "b c.img", c.img, d.img and gpt.img, with
+# Run in a directory holding a.img, "b c.img", c.img, d.img, gpt.img and ro.img
+# (mode 0444: root attaches it read-write, as losetup does), with
 # the losetup under test first in PATH (tests/test_losetup.py runs it with
 # util-linux's and with loopdev's drop-in, on the host and in a container).
 # Listings keep only the lines of devices of these images (and headings):
@@ -102,3 +103,20 @@ echo "rc=$rc"
 F=$(losetup -j a.img | cut -d: -f1)
 form attach-chosen-check ours losetup -j a.img
 form detach-rest losetup -d "$C" "$D" $F
+# A mode-0444 file as root: opened read-write, attached read-write (RO 0), by -f
+# and on a chosen device.
+attach R attach-mode-0444 -f --show ro.img
+form list-mode-0444 losetup -l -n -O RO,BACK-FILE -j ro.img
+form detach-mode-0444 losetup -d "$R"
+echo "== attach-chosen-mode-0444"
+for _ in $(seq 20); do
+  G=$(losetup -f)
+  losetup "$G" ro.img 2>/dev/null
+  rc=$?
+  [ $rc -ne 0 ] || break
+  sleep 0.1
+done
+echo "rc=$rc"
+form list-chosen-mode-0444 losetup -l -n -O RO,BACK-FILE -j ro.img
+G=$(losetup -j ro.img | cut -d: -f1)
+form detach-chosen-mode-0444 losetup -d $G

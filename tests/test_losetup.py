@@ -57,6 +57,8 @@ def images(where: Path) -> list[Path]:
     made = [make_image(where / n, 10 * MiB) for n in ("a.img", "c.img", "d.img")]
     made.append(make_image(where / "b c.img", 4 * MiB))
     made.append(gpt_image(where / "gpt.img"))
+    made.append(make_image(where / "ro.img", 4 * MiB))
+    made[-1].chmod(0o444)
     for image in made:
         register_backing(image)
     return made

@@ -202,13 +202,6 @@ def format_table(infos: Sequence[DeviceInfo]) -> str:
     return "\n".join(lines)
 
 
-def _sysfs_retry(call: Callable[[], _T]) -> _T:
-    """``call()``. Once a retry for ENODEV from devices being removed under a sysfs
-    read; the library treats that as "not bound" now (``ld_sysfs_info``,
-    ``sysfs.is_gone``). Kept for the callers in ``losetup.py``."""
-    return call()
-
-
 def _out(text: str) -> None:
     sys.stdout.write(text + "\n")
 
@@ -282,15 +275,6 @@ def _overlapping(path: str, offset: int, sizelimit: int, read_only: bool) -> Dev
             errno.EBUSY, "an overlapping loop device exists", device=info.path, backing=path
         )
     return None
-
-
-def _writable(path: str) -> bool:
-    """Whether ``path`` opens read-write (losetup falls back to read-only where not)."""
-    try:
-        os.close(os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK))
-    except OSError as exc:
-        return exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS)
-    return True
 
 
 def _open_writable(path: str) -> tuple[int | None, bool]:

@@ -494,8 +494,10 @@ def _find_free() -> str:
         control.close()
 
 
-def _attach_to(name: str, o: Options, file: str, read_only: bool) -> None:
-    """``losetup LOOPDEV FILE``: bind that device (made first if missing), as the engine does."""
+def _attach_to(name: str, o: Options, file: str | int, read_only: bool) -> None:
+    """``losetup LOOPDEV FILE``: bind that device (made first if missing), as the engine does.
+
+    ``file``: a path, or an fd open read-write (closed by the caller)."""
     from loopdev import _engine, _native, device, sysfs
     from loopdev.compat import LoopControl
 
@@ -507,10 +509,10 @@ def _attach_to(name: str, o: Options, file: str, read_only: bool) -> None:
         finally:
             control.close()
     offset = o.offset or 0
-    device._validate(offset, o.sizelimit, o.block_size, o.direct_io, file)
-    fd, path, _ = device._open_backing(file, read_only)
+    device._validate(offset, o.sizelimit, o.block_size, o.direct_io, o.file)
+    fd, path, opened = device._open_backing(file, read_only)
     try:
-        device._check_backing(fd, path, offset, read_only)
+        device._check_backing(fd, path, offset, read_only, opened)
         config = _native.Config(
             offset,
             o.sizelimit,
@@ -525,12 +527,12 @@ def _attach_to(name: str, o: Options, file: str, read_only: bool) -> None:
         finally:
             dev.close()
     finally:
-        os.close(fd)
+        if opened:
+            os.close(fd)
 
 
 def _create(o: Options, warn: Callable[[str], None]) -> int:
-    from loopdev.cli import _overlapping, _warn_if_tiny, _writable
-    from loopdev.device import attach
+    from loopdev.cli import _open_writable, _overlapping, _warn_if_tiny
 
     assert o.file is not None
     file = o.file
@@ -541,33 +543,46 @@ def _create(o: Options, warn: Callable[[str], None]) -> int:
             if o.show:
                 _out(reuse.path)
             return 0
-    read_only = o.read_only or not _writable(file)
+    # As losetup: read-write where the open succeeds (root, also for a mode-0444
+    # file), read-only with a warning where it is refused.
+    fd, read_only = (None, True) if o.read_only else _open_writable(file)
     if read_only and not o.read_only:
         warn(f"{file}: Warning: file is write-protected, attaching read-only")
-    if o.devices:
-        name = _loop_name(o.devices[0]) if os.path.basename(o.devices[0])[:4] == "loop" else None
-        if name is None:
-            raise LoopError(errno.EINVAL, "not a loop device", device=o.devices[0])
-        _attach_to(name, o, file, read_only)
-        path = f"/dev/{name}"
-    else:
-        dev = attach(
-            file,
-            offset=offset,
-            sizelimit=o.sizelimit,
-            read_only=read_only,
-            partscan=o.partscan,
-            direct_io="auto" if o.direct_io else False,
-            block_size=o.block_size,
-            autoclear=False,  # the device outlives us, as losetup's does
-            lock=True,
-        )
-        path = dev.path
-        dev.close()
+    try:
+        path = _bind(o, file if fd is None else fd, read_only)
+    finally:
+        if fd is not None:
+            os.close(fd)
     if o.show:
         _out(path)
     _warn_if_tiny(file, offset)
     return 0
+
+
+def _bind(o: Options, backing: str | int, read_only: bool) -> str:
+    """The device ``o`` asks for bound to ``backing``; its path."""
+    from loopdev.device import attach
+
+    if o.devices:
+        name = _loop_name(o.devices[0]) if os.path.basename(o.devices[0])[:4] == "loop" else None
+        if name is None:
+            raise LoopError(errno.EINVAL, "not a loop device", device=o.devices[0])
+        _attach_to(name, o, backing, read_only)
+        return f"/dev/{name}"
+    dev = attach(
+        backing,
+        offset=o.offset or 0,
+        sizelimit=o.sizelimit,
+        read_only=read_only,
+        partscan=o.partscan,
+        direct_io="auto" if o.direct_io else False,
+        block_size=o.block_size,
+        autoclear=False,  # the device outlives us, as losetup's does
+        lock=True,
+    )
+    path = dev.path
+    dev.close()
+    return path
 
 
 def _delete(names: Sequence[str], args: Sequence[str], warn: Callable[[str], None]) -> int:
@@ -591,8 +606,6 @@ def _delete(names: Sequence[str], args: Sequence[str], warn: Callable[[str], Non
 
 def run(o: Options, warn: Callable[[str], None]) -> int:
     """Carry out ``o``; returns the exit status."""
-    from loopdev.cli import _sysfs_retry
-
     if o.action == "create":
         return _create(o, warn)
     if o.action == "find-free":
@@ -604,7 +617,7 @@ def run(o: Options, warn: Callable[[str], None]) -> int:
             names.append(_loop_name(arg))  # losetup checks them all first
         return _delete(names, o.devices, warn)
     if o.action == "delete-all":
-        names = _sysfs_retry(lambda: _matching(None, None))
+        names = _matching(None, None)
         return _delete(names, [f"/dev/{n}" for n in names], warn)
     if o.action == "capacity":
         from loopdev.device import open_device
@@ -619,7 +632,7 @@ def run(o: Options, warn: Callable[[str], None]) -> int:
         return 0
     if o.action == "show-one":
         return _show(o, [_loop_name(o.devices[0])])
-    return _show(o, _sysfs_retry(lambda: _matching(o.file, o.offset)))
+    return _show(o, _matching(o.file, o.offset))
 
 
 # --- help, version, entry ----------------------------------------------------------
