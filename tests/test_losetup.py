@@ -46,9 +46,8 @@ def drop_in(where: Path) -> Path:
         if script.exists():
             link.symlink_to(script)
         else:  # an install without console scripts: the same entry point
-            link.write_text(
-                f"#!{sys.executable}\nimport sys\nfrom loopdev.cli import main\nsys.exit(main())\n"
-            )
+            entry = "import sys\nfrom _loopdev_main import main\nsys.exit(main())\n"
+            link.write_text(f"#!{sys.executable}\n{entry}")
             link.chmod(0o755)
     return where
 

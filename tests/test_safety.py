@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -369,6 +371,74 @@ def test_library_warnings_carry_the_prefix(tmp_path: Path, devices: None) -> Non
         assert all(line.startswith("loopdev: ") for line in lines), done.stderr
     finally:
         run_cli("detach", "--wait", done.stdout.strip())
+
+
+PACKAGE_DIR = os.path.dirname(loopdev.__file__)
+
+
+def console_script(where: Path) -> Path:
+    """What an installer writes for the ``loopdev`` entry point (pip's template)."""
+    from importlib.metadata import entry_points
+
+    (entry,) = entry_points(group="console_scripts", name="loopdev")
+    module, _, func = entry.value.partition(":")
+    script = where / "loopdev"
+    script.write_text(
+        f"#!{sys.executable}\nimport re\nimport sys\nfrom {module} import {func}\n"
+        f"if __name__ == '__main__':\n    sys.exit({func}())\n"
+    )
+    script.chmod(0o755)
+    return script
+
+
+def ours_in_traceback(stderr: str) -> list[str]:
+    """Frames of loopdev's own files in ``stderr``'s traceback, except where the
+    last frame is the first instruction of loopdev's first module ("line 0"): a
+    Ctrl-C that came while Python was still finding that module."""
+    frames = re.findall(r'File "([^"]+)", line (\d+)', stderr)
+    ours = [f"{f}:{n}" for f, n in frames if f.startswith(PACKAGE_DIR) or "_loopdev_main" in f]
+    return [] if len(ours) == 1 and frames[-1][1] == "0" and ours[0].endswith(":0") else ours
+
+
+@pytest.mark.parametrize("how", ["console-script", "python-m"])
+def test_ctrl_c_early_in_a_run_is_quiet(image_plain: Path, tmp_path: Path, how: str) -> None:
+    """SIGINT 0-60 ms after the start (mostly inside ``import loopdev``, ~40 ms): the
+    command dies of SIGINT as losetup does, without a traceback, nothing bound.
+    Python's own start (``site``, the script's ``import re``) comes before any code
+    of loopdev and may still print one: such a traceback must hold no loopdev frame."""
+    if how == "console-script":
+        argv = [str(console_script(tmp_path))]
+    else:
+        argv = [sys.executable, "-m", "loopdev"]
+    argv += ["run", str(image_plain), "--", "true"]
+    quiet = 0
+    for delay in range(0, 64, 4):
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(delay / 1000)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+        if "Traceback" in err:  # Python's start: exit status 1 or SIGINT, its choice
+            assert not ours_in_traceback(err), (delay, err)
+        else:
+            assert proc.returncode in (0, -signal.SIGINT), (delay, proc.returncode, err)
+            assert not err, (delay, err)
+            quiet += 1
+        assert find(image_plain) == [], delay
+    assert quiet >= 8, quiet
+
+
+def test_another_programs_ctrl_c_is_its_own(tmp_path: Path) -> None:
+    """``python -m app`` whose package imports loopdev keeps Python's excepthook:
+    only loopdev's own command dies of SIGINT silently."""
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "__init__.py").write_text("import loopdev\n")
+    (app / "__main__.py").write_text("import sys\nprint(sys.excepthook is sys.__excepthook__)\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), *sys.path]))
+    done = subprocess.run(
+        [sys.executable, "-m", "app"], env=env, capture_output=True, text=True, check=True
+    )
+    assert done.stdout == "True\n"
 
 
 @pytest.fixture

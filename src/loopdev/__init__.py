@@ -1,8 +1,28 @@
 """loopdev: Linux loop devices from Python, without leaks or races."""
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: it imports a module, before the
+# next lines can run (the two annotations that need it are strings).
 import os
+import sys
+
+# `python -m loopdev` runs this before loopdev/__main__.py: the command's
+# handling of Ctrl-C (_loopdev_main.py) starts here, not after this import
+# (~40 ms). sys.argv[0] is "-m" only while Python imports the module to run;
+# a program of its own that imports loopdev keeps its excepthook.
+if (
+    sys.argv[:1] == ["-m"]
+    and "-m" in sys.orig_argv
+    and sys.orig_argv[sys.orig_argv.index("-m") + 1 :][:1] == ["loopdev"]
+):
+
+    def _excepthook(
+        kind: type[BaseException], value: BaseException, tb: "TracebackType | None"
+    ) -> None:
+        import _loopdev_main  # only now: its import would be a window of its own
+
+        _loopdev_main.excepthook(kind, value, tb)
+
+    sys.excepthook = _excepthook
 
 from loopdev import device
 from loopdev.compat import Loop, LoopControl, LoopInfo, UnexpectedDevice
@@ -31,13 +51,15 @@ from loopdev.errors import (
 # module keeps the type checker's imports behind its own flag and refers here.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from types import TracebackType
+
     from typing_extensions import Unpack
 
     from loopdev.device import AttachOptions, Backing
 
 
 def attach(
-    backing: Backing, *, broker: str | None = None, **options: Unpack[AttachOptions]
+    backing: "Backing", *, broker: str | None = None, **options: "Unpack[AttachOptions]"
 ) -> LoopDevice:
     """Attach ``backing`` (a path or an open fd) to a free loop device.
 

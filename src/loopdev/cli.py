@@ -3,7 +3,9 @@
 Built on the high-level API only (``loopdev.device``), so the command exercises
 the same code paths as library users. Errors are ``OSError``s; they become one
 ``loopdev: <message>`` line on stderr and exit status 1 (``--debug`` adds the
-traceback). Usage errors exit 2, as argparse does.
+traceback). Usage errors exit 2, as argparse does. Ctrl-C leaves ``main()`` as
+``KeyboardInterrupt``; the command then dies of SIGINT, silently, as losetup
+does (``_loopdev_main``).
 
 Where it differs from losetup: ``find`` prints device paths only, one a line
 (``losetup -j`` prints its ``-a`` format); ``list DEVICE`` fails for an unbound
@@ -922,5 +924,3 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         _report(exc, args.debug)
         return 1
-    except KeyboardInterrupt:
-        return 130

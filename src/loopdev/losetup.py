@@ -718,5 +718,3 @@ def main(argv: Sequence[str] | None = None, prog: str = "losetup") -> int:
         what = f"{o.file}: failed to set up loop device: " if o.action == "create" else ""
         warn(f"{what}{_message(exc)}")
         return 1
-    except KeyboardInterrupt:
-        return 130
