@@ -118,6 +118,29 @@ static unsigned jitter_seed(void)
     return (unsigned)ts.tv_nsec ^ (unsigned)((uintptr_t)&ts >> 4);
 }
 
+/* prefix followed by the decimal n into buf (at least 32 bytes): the
+ * names of the hot path ("loopN", "/proc/self/fd/N"). snprintf costs about
+ * 700 instructions a call, and the compat cycle made four (issue 17). */
+static char *name_n(char *buf, const char *prefix, int n)
+{
+    char digits[12];
+    int len = 0;
+    char *p = buf;
+    unsigned u = n < 0 ? 0u - (unsigned)n : (unsigned)n;
+    while (*prefix)
+        *p++ = *prefix++;
+    if (n < 0)
+        *p++ = '-';
+    do {
+        digits[len++] = (char)('0' + u % 10);
+        u /= 10;
+    } while (u > 0);
+    while (len > 0)
+        *p++ = digits[--len];
+    *p = 0;
+    return buf;
+}
+
 /* ---------------------------------------------------------------- ioctls */
 
 int ld_ioctl(int fd, unsigned long request, unsigned long arg)
@@ -312,7 +335,7 @@ static int link_count(int index, nlink_t *nlink)
 
     if (sysfs < 0)
         return 1;
-    snprintf(name, sizeof(name), "loop%d", index);
+    name_n(name, "loop", index);
     if (fstatat(sysfs, name, &st, 0) < 0)
         return errno == ENOENT ? 1 : neg_errno();
     *nlink = st.st_nlink;
@@ -342,7 +365,7 @@ static int del_partitions(int dev_fd, int index, int bound, nlink_t nlink)
     char name[32];
     int n, deleted = 0, r = 0, dirfd;
 
-    snprintf(name, sizeof(name), "loop%d", index);
+    name_n(name, "loop", index);
     dirfd = openat(sysfs_block_fd(), name, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (dirfd < 0)
         return errno == ENOENT ? 0 : neg_errno();
@@ -452,7 +475,7 @@ static void set_file_name(struct loop_info64 *info, const struct ld_config *c, i
         strncpy((char *)info->lo_file_name, c->file_name, LO_NAME_SIZE - 1);
         return;
     }
-    snprintf(link, sizeof(link), "/proc/self/fd/%d", backing_fd);
+    name_n(link, "/proc/self/fd/", backing_fd);
     n = readlink(link, (char *)info->lo_file_name, LO_NAME_SIZE - 1);
     info->lo_file_name[n > 0 ? n : 0] = 0;
 }
@@ -787,7 +810,7 @@ static int sysfs_has(int index)
 {
     char name[32];
     int sysfs = sysfs_block_fd();
-    snprintf(name, sizeof(name), "loop%d", index);
+    name_n(name, "loop", index);
     return sysfs >= 0 && faccessat(sysfs, name, F_OK, 0) == 0;
 }
 
@@ -804,7 +827,7 @@ int ld_open_private(int dirfd, int index, int part_shift)
 
     snprintf(dir, sizeof(dir), ".loopdev-%d-%x", getpid(),
              __atomic_fetch_add(&serial, 1, __ATOMIC_RELAXED));
-    snprintf(name, sizeof(name), "loop%d", index);
+    name_n(name, "loop", index);
     if (mkdirat(dirfd, dir, 0700) < 0)
         return neg_errno();
     dfd = openat(dirfd, dir, O_PATH | O_DIRECTORY | O_CLOEXEC);
@@ -845,7 +868,7 @@ static int open_device(const struct ld_attach_req *req, struct ld_attach_res *re
     char name[32];
     int r;
 
-    snprintf(name, sizeof(name), "loop%d", a->index);
+    name_n(name, "loop", a->index);
     a->fd = openat(req->dev_dirfd, name, O_RDWR | O_CLOEXEC);
     if (a->fd < 0) {
         r = neg_errno();
@@ -1013,6 +1036,81 @@ int ld_attach(const struct ld_attach_req *req, struct ld_attach_res *res)
     r = attach_loop(req, res, &s);
     unblock(&s.sig);
     return r;
+}
+
+/* ------------------------------------------------------------ fast paths */
+
+/* The compat cycle's two native calls take scalars and answer a scalar:
+ * filling a result struct from Python (cffi attribute access) cost more
+ * than the calls themselves (issue 17: 59k user-space instructions a
+ * cycle). Failures leave their details here, per thread, for the caller's
+ * error path (ld_last_res). */
+static __thread struct ld_attach_res last_res;
+static __thread long last_token;
+static __thread int last_claimed;
+
+/* ld_attach without hooks, with a fresh request: (index << 32) | fd, or
+ * -errno (details in ld_last_res). token: the caller's number for this
+ * call, for ld_claim. */
+int64_t ld_attach_plain(int ctl_fd, int dev_dirfd, int private_nodes, int part_shift,
+                        int backing_fd, uint32_t flags, uint64_t offset, uint64_t sizelimit,
+                        uint32_t block_size, int lock, long token)
+{
+    struct ld_attach_req req;
+    int r;
+
+    memset(&req, 0, sizeof(req));
+    req.ctl_fd = ctl_fd;
+    req.dev_dirfd = dev_dirfd;
+    req.private_nodes = private_nodes;
+    req.part_shift = part_shift;
+    req.backing_fd = backing_fd;
+    req.lock = lock;
+    req.max_attempts = 64;
+    req.timeout_ms = 30000;
+    req.config.offset = offset;
+    req.config.sizelimit = sizelimit;
+    req.config.block_size = block_size;
+    req.config.flags = flags;
+    last_token = token;
+    last_claimed = 0;
+    r = ld_attach(&req, &last_res);
+    if (r < 0)
+        return r;
+    return ((int64_t)last_res.index << 32) | (uint32_t)last_res.fd;
+}
+
+void ld_last_res(struct ld_attach_res *out)
+{
+    *out = last_res;
+}
+
+/* The device fd ld_attach_plain(token) opened, once: for a caller whose
+ * signal handler raised as the call returned, before it took the result.
+ * -1 when that call bound nothing, or was not the last of this thread. */
+int ld_claim(long token)
+{
+    if (token != last_token || last_claimed || last_res.err != 0)
+        return -1;
+    last_claimed = 1;
+    return last_res.fd;
+}
+
+int ld_last_stage(void)
+{
+    return last_res.stage;
+}
+
+/* Partitions, then LOOP_CLR_FD (see ld_del_partitions): -errno, with the
+ * step in ld_last_res's stage (LD_STAGE_PARTITIONS, else LD_STAGE_NONE). */
+int ld_release(int dev_fd, int index, int bound)
+{
+    int r = ld_del_partitions(dev_fd, index, bound);
+    last_res.stage = LD_STAGE_PARTITIONS;
+    if (r < 0)
+        return r;
+    last_res.stage = LD_STAGE_NONE;
+    return ioctl(dev_fd, LOOP_CLR_FD, 0) < 0 ? neg_errno() : 0;
 }
 
 /* ------------------------------------------------------------ bind mounts */

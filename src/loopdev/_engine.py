@@ -43,7 +43,7 @@ class Control:
     directory is used as it is (a wrong node there is ``UnexpectedDevice``).
     """
 
-    __slots__ = ("_scratch", "dev_dir", "fd", "private_nodes")
+    __slots__ = ("_scratch", "dev_dir", "fd", "part_shift", "private_nodes")
 
     def __init__(self, dir_fd: int | None = None) -> None:
         self.fd = -1
@@ -75,6 +75,7 @@ class Control:
             os.close(fd)
             raise
         self.private_nodes = dir_fd is None
+        self.part_shift = sysfs.minor_shift()
         self.fd = fd
 
     def close(self) -> None:
@@ -302,6 +303,44 @@ def attach(
     return got.index, got.fd
 
 
+def attach_plain(
+    control: Control,
+    backing_fd: int,
+    flags: int,
+    offset: int = 0,
+    sizelimit: int = 0,
+    block_size: int = 0,
+    lock: bool = False,
+) -> tuple[int, int]:
+    """:func:`attach` without hooks, for the compat face: where there is nothing to do
+    after the native loop (no partscan, the kernel makes the nodes), one native call
+    with scalar arguments instead of two structs filled field by field."""
+    if flags & _native.LO_FLAGS_PARTSCAN or not nodes.dev_is_devtmpfs():
+        config = _native.Config(offset, sizelimit, block_size, flags)
+        return attach(control, backing_fd, config, lock=lock)
+    try:
+        got = _native.attach_plain(
+            control.fd,
+            control.dev_dir,
+            control.private_nodes,
+            control.part_shift,
+            backing_fd,
+            flags,
+            offset,
+            sizelimit,
+            block_size,
+            lock,
+        )
+    except errors.DeviceNodeError as exc:
+        # As in attach(): nothing is bound, the node stage comes before configure.
+        if exc.errno != errno.EROFS or not control.private_nodes or control._scratch:
+            raise
+        control.use_scratch(None)
+        config = _native.Config(offset, sizelimit, block_size, flags)
+        return attach(control, backing_fd, config, lock=lock)
+    return got >> 32, got & 0xFFFFFFFF
+
+
 def configure(dev_fd: int, index: int, backing_fd: int, config: _native.Config) -> None:
     """Bind an open device (stale partitions go first) and register its partitions."""
     _block_size_for_table(backing_fd, config)
@@ -460,6 +499,9 @@ def release(
     ``before_clear`` runs between the two (nodes go before the device).
     ``bound``: the caller attached the device and has not released it.
     """
+    if before_clear is None and not lazy and nodes.dev_is_devtmpfs():
+        _native.release(dev_fd, index, bound=bound)  # no nodes to remove between the two
+        return
     try:
         _native.delete_partitions(dev_fd, index, bound=bound)
     except errors.DeviceBusy:

@@ -22,6 +22,10 @@ if TYPE_CHECKING:
 
 __all__ = ["Loop", "LoopControl", "LoopInfo", "UnexpectedDevice"]
 
+_READ_ONLY = _native.LO_FLAGS_READ_ONLY
+_AUTOCLEAR = _native.LO_FLAGS_AUTOCLEAR
+_PARTSCAN = _native.LO_FLAGS_PARTSCAN
+
 
 class Loop:
     """One loop device, opened read-write as ``loop{minor}`` below ``dir_fd`` (default /dev)."""
@@ -75,13 +79,16 @@ class Loop:
 
     def close(self) -> None:
         """Run ``on_close(self)`` once with the fd still open, then close the fd."""
-        callback, self.on_close = self.on_close, None
+        callback = self.on_close
         try:
-            if callable(callback):
-                callback(self)
+            if callback is not None:
+                self.on_close = None
+                if callable(callback):
+                    callback(self)
         finally:
-            if self.fd >= 0:
-                fd, self.fd = self.fd, -1
+            fd = self.fd
+            if fd >= 0:
+                self.fd = -1
                 self.devname = "<closed>"
                 if self._autoclear:
                     _engine.unpublish_nodes(self.minor)
@@ -111,6 +118,7 @@ class Loop:
         """
         _engine.release(self.fd, self.minor, bound=self._bound)
         self._bound = False
+        self._autoclear = False  # released now: nothing left for close() to release
 
     def clear_fd_wait(self, fd: int, timeout: float, wait: float = 0.1) -> None:
         """Clear, then wait until unbound or bound to a file other than ``fd``'s.
@@ -289,21 +297,38 @@ class LoopControl:
         fd: int,
         lock: bool = False,
         setup: Callable[[Loop], object] | None = None,
-        **kwargs: int | bool | None,
+        *,
+        offset: int | None = None,
+        sizelimit: int | None = None,
+        blocksize: int | None = 0,
+        autoclear: int | None = None,
+        partscan: int | None = None,
+        read_only: int | None = None,
     ) -> Loop:
-        """Get a free device, bind it to ``fd`` and configure it with ``**kwargs``.
+        """Get a free device, bind it to ``fd`` and configure it.
 
-        ``kwargs`` are those of :meth:`Loop.configure`. Transient kernel races
-        are retried (bounded); a failure never leaves a device bound.
+        The keywords are those of :meth:`Loop.configure`. Transient kernel
+        races are retried (bounded); a failure never leaves a device bound.
         """
-        self._check_open()
+        control = self._control
+        if control.fd < 0:
+            raise RuntimeError("LoopControl is closed")
         if fd < 0:
             raise ValueError(f"Invalid file descriptor '{fd}'")
-        config = _config_from_kwargs(**kwargs)
-        autoclear = bool(config.flags & _native.LO_FLAGS_AUTOCLEAR)
+        # Inline, not _config_from_kwargs: this is the hot path (issue 17).
+        flags = (
+            (_READ_ONLY if read_only else 0)
+            | (_AUTOCLEAR if autoclear else 0)
+            | (_PARTSCAN if partscan else 0)
+        )
+        offset, sizelimit, blocksize = offset or 0, sizelimit or 0, blocksize or 0
         if setup is None:
-            index, dev_fd = _engine.attach(self._control, fd, config, lock=lock)
-            return Loop._adopt(index, dev_fd, self._dir_fd, autoclear)
+            index, dev_fd = _engine.attach_plain(
+                control, fd, flags, offset, sizelimit, blocksize, lock
+            )
+            return Loop._adopt(index, dev_fd, self._dir_fd, bool(autoclear))
+        config = _native.Config(offset, sizelimit, blocksize, flags)
+        autoclear = bool(autoclear)
         current: list[Loop] = []
 
         def on_open(index: int, dev_fd: int) -> None:
