@@ -43,7 +43,7 @@ class Control:
     directory is used as it is (a wrong node there is ``UnexpectedDevice``).
     """
 
-    __slots__ = ("_scratch", "dev_dir", "fd", "part_shift", "private_nodes")
+    __slots__ = ("_scratch", "dev_dir", "devtmpfs", "fd", "part_shift", "private_nodes")
 
     def __init__(self, dir_fd: int | None = None) -> None:
         self.fd = -1
@@ -76,6 +76,8 @@ class Control:
             raise
         self.private_nodes = dir_fd is None
         self.part_shift = sysfs.minor_shift()
+        global _devtmpfs
+        self.devtmpfs = _devtmpfs = nodes.dev_is_devtmpfs()  # asked once per process
         self.fd = fd
 
     def close(self) -> None:
@@ -303,6 +305,16 @@ def attach(
     return got.index, got.fd
 
 
+_PARTSCAN = _native.LO_FLAGS_PARTSCAN
+# Numbers attach_plain's calls, so that an interrupted one releases only its own
+# device (_native.claim). A global: cheaper than itertools.count(), and CPython
+# makes the += atomic.
+_token = 0
+# Whether /dev is a devtmpfs, once a Control asked (nodes caches it per process):
+# release() reads it without a call.
+_devtmpfs: bool | None = None
+
+
 def attach_plain(
     control: Control,
     backing_fd: int,
@@ -311,34 +323,60 @@ def attach_plain(
     sizelimit: int = 0,
     block_size: int = 0,
     lock: bool = False,
-) -> tuple[int, int]:
-    """:func:`attach` without hooks, for the compat face: where there is nothing to do
-    after the native loop (no partscan, the kernel makes the nodes), one native call
-    with scalar arguments instead of two structs filled field by field."""
-    if flags & _native.LO_FLAGS_PARTSCAN or not nodes.dev_is_devtmpfs():
-        config = _native.Config(offset, sizelimit, block_size, flags)
-        return attach(control, backing_fd, config, lock=lock)
-    try:
-        got = _native.attach_plain(
-            control.fd,
-            control.dev_dir,
-            control.private_nodes,
-            control.part_shift,
-            backing_fd,
-            flags,
-            offset,
-            sizelimit,
-            block_size,
-            lock,
+) -> int:
+    """:func:`attach` without hooks, for the compat face; ``(index << 32) | fd``.
+
+    Where there is nothing to do after the native loop (no partscan, the
+    kernel makes the nodes): one C call with scalar arguments, instead of two
+    structs filled field by field and three Python layers (issue 17).
+    """
+    if flags & _PARTSCAN or not control.devtmpfs:
+        return _attach_packed(
+            control, backing_fd, _native.Config(offset, sizelimit, block_size, flags), lock
         )
-    except errors.DeviceNodeError as exc:
-        # As in attach(): nothing is bound, the node stage comes before configure.
-        if exc.errno != errno.EROFS or not control.private_nodes or control._scratch:
+    global _token
+    while True:
+        _token += 1
+        token = _token
+        try:
+            got = _native.attach_plain_raw(
+                control.fd,
+                control.dev_dir,
+                control.private_nodes,
+                control.part_shift,
+                backing_fd,
+                flags,
+                offset,
+                sizelimit,
+                block_size,
+                lock,
+                token,
+            )
+        except OverflowError:  # raised before the call: nothing was done
+            config = _native.Config(offset, sizelimit, block_size, flags)
+            error = _native.out_of_range(config, backing_fd)
+            if error is None:
+                raise
+            raise error from None
+        except BaseException:
+            _native.claim(token)
             raise
-        control.use_scratch(None)
-        config = _native.Config(offset, sizelimit, block_size, flags)
-        return attach(control, backing_fd, config, lock=lock)
-    return got >> 32, got & 0xFFFFFFFF
+        if got >= 0:
+            return got
+        try:
+            _native.attach_plain_failed(got, backing_fd)  # True: interrupted, go on
+        except errors.DeviceNodeError as exc:
+            # As in attach(): nothing is bound, the node stage comes before configure.
+            if exc.errno != errno.EROFS or not control.private_nodes or control._scratch:
+                raise
+            control.use_scratch(None)
+            config = _native.Config(offset, sizelimit, block_size, flags)
+            return _attach_packed(control, backing_fd, config, lock)
+
+
+def _attach_packed(control: Control, backing_fd: int, config: _native.Config, lock: bool) -> int:
+    index, fd = attach(control, backing_fd, config, lock=lock)
+    return index << 32 | fd
 
 
 def configure(dev_fd: int, index: int, backing_fd: int, config: _native.Config) -> None:
@@ -499,8 +537,11 @@ def release(
     ``before_clear`` runs between the two (nodes go before the device).
     ``bound``: the caller attached the device and has not released it.
     """
-    if before_clear is None and not lazy and nodes.dev_is_devtmpfs():
-        _native.release(dev_fd, index, bound=bound)  # no nodes to remove between the two
+    if before_clear is None and not lazy and _devtmpfs:
+        # One C call: no nodes to remove between the two steps.
+        err = _native.release_raw(dev_fd, index, 1 if bound else -1)
+        if err < 0:
+            raise _native.release_failed(err, index)
         return
     try:
         _native.delete_partitions(dev_fd, index, bound=bound)

@@ -8,7 +8,6 @@ and the device and backing paths. The words and advice are ``errors``'.
 from __future__ import annotations
 
 import errno
-import itertools
 import os
 
 from loopdev import errors
@@ -512,69 +511,52 @@ def attach(
     return Attached(res.index, res.fd, res.retries)
 
 
-_tokens = itertools.count()
+# The compat cycle's two C calls, bound as they are: a Python wrapper around
+# each cost more than the call itself (issue 17). The caller passes ints and
+# a token (see claim), and hands a negative answer to attach_plain_failed or
+# release_failed.
+attach_plain_raw: Callable[[int, int, bool, int, int, int, int, int, int, bool, int], int]
+attach_plain_raw = lib.ld_attach_plain
+release_raw: Callable[[int, int, int], int] = lib.ld_release
 
 
-def attach_plain(
-    ctl_fd: int,
-    dev_dirfd: int,
-    private_nodes: bool,
-    part_shift: int,
-    backing_fd: int,
-    flags: int,
-    offset: int,
-    sizelimit: int,
-    block_size: int,
-    lock: bool,
-) -> int:
-    """:func:`attach` without hooks and without a name for ``lo_file_name`` (the
-    backing fd's path), in one native call with scalar arguments: returns
-    ``(index << 32) | fd``. The same loop, errors and signal handling."""
-    token = next(_tokens)
-    while True:
-        try:
-            r: int = lib.ld_attach_plain(
-                ctl_fd,
-                dev_dirfd,
-                private_nodes,
-                part_shift,
-                backing_fd,
-                flags,
-                offset,
-                sizelimit,
-                block_size,
-                lock,
-                token,
-            )
-        except OverflowError:  # raised before the call: nothing was done
-            config = Config(offset, sizelimit, block_size)
-            _fill_config(ffi.new("struct ld_config *"), config, backing_fd)
-            raise
-        except BaseException:
-            # A signal's exception raised as the call returned, before the
-            # caller owns the new device: release it here.
-            fd = lib.ld_claim(token)
-            if fd >= 0:
-                clear_fd_quietly(fd)
-                os.close(fd)
-            raise
-        if r >= 0:
-            return r
-        res = ffi.new(_ATTACH_RES)
-        lib.ld_last_res(res)
-        if res.stage != lib.LD_STAGE_INTERRUPTED:
-            raise _attach_error(res, r, fd_path(backing_fd))
-        # Interrupted while waiting, nothing bound: run the signal's handler,
-        # which raises (KeyboardInterrupt) or lets us go on.
-        _run_signal_handlers()
+def claim(token: int) -> None:
+    """After an exception around ``attach_plain_raw(..., token)``: release the device
+    that call bound, if it ran and bound one (a signal's handler raised as the call
+    returned, before the caller took the result). Per thread; a call that never ran
+    left another token behind, and nothing is released."""
+    fd = lib.ld_claim(token)
+    if fd >= 0:
+        clear_fd_quietly(fd)
+        os.close(fd)
 
 
-def release(dev_fd: int, index: int, *, bound: bool = False) -> None:
-    """:func:`delete_partitions`, then ``LOOP_CLR_FD``, in one native call."""
-    err = lib.ld_release(dev_fd, index, 1 if bound else -1)
-    if err < 0:
-        call = "delete_partitions" if lib.ld_last_stage() else "LOOP_CLR_FD"
-        raise errors.call_failed(-err, call, device=f"/dev/loop{index}")
+def out_of_range(config: Config, backing_fd: int) -> errors.LoopError | None:
+    """The error for an offset, size limit or block size that overflowed its C type;
+    None when none did (another argument overflowed: the OverflowError stands)."""
+    try:
+        _fill_config(ffi.new("struct ld_config *"), config, backing_fd)
+    except errors.LoopError as exc:
+        return exc
+    return None
+
+
+def attach_plain_failed(err: int, backing_fd: int) -> bool:
+    """For ``attach_plain_raw``'s negative answer: True when a signal interrupted the
+    wait and its handler let us go on (call again: nothing is bound); else raises the
+    typed error."""
+    res = ffi.new(_ATTACH_RES)
+    lib.ld_last_res(res)
+    if res.stage != lib.LD_STAGE_INTERRUPTED:
+        raise _attach_error(res, err, fd_path(backing_fd))
+    _run_signal_handlers()  # raises (KeyboardInterrupt) or lets us go on
+    return True
+
+
+def release_failed(err: int, index: int) -> errors.LoopError:
+    """The error for ``release_raw``'s negative answer."""
+    call = "delete_partitions" if lib.ld_last_stage() else "LOOP_CLR_FD"
+    return errors.call_failed(-err, call, device=f"/dev/loop{index}")
 
 
 lib.ld_init()

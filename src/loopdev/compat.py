@@ -116,7 +116,7 @@ class Loop:
 
         The kernel defers the unbind until the last opener closes.
         """
-        _engine.release(self.fd, self.minor, bound=self._bound)
+        _engine.release(self.fd, self.minor, None, bound=self._bound)
         self._bound = False
         self._autoclear = False  # released now: nothing left for close() to release
 
@@ -322,13 +322,18 @@ class LoopControl:
             | (_PARTSCAN if partscan else 0)
         )
         offset, sizelimit, blocksize = offset or 0, sizelimit or 0, blocksize or 0
-        if setup is None:
-            index, dev_fd = _engine.attach_plain(
-                control, fd, flags, offset, sizelimit, blocksize, lock
-            )
-            return Loop._adopt(index, dev_fd, self._dir_fd, bool(autoclear))
-        config = _native.Config(offset, sizelimit, blocksize, flags)
-        autoclear = bool(autoclear)
+        if setup is not None:
+            config = _native.Config(offset, sizelimit, blocksize, flags)
+            return self._attach_with_setup(fd, config, lock, setup)
+        got = _engine.attach_plain(control, fd, flags, offset, sizelimit, blocksize, lock)
+        return Loop._adopt(got >> 32, got & 0xFFFFFFFF, self._dir_fd, flags & _AUTOCLEAR != 0)
+
+    def _attach_with_setup(
+        self, fd: int, config: _native.Config, lock: bool, setup: Callable[[Loop], object]
+    ) -> Loop:
+        # Apart from loop_for_fd: its closures would make cells of its variables
+        # on every call, also without setup (the hot path, issue 17).
+        autoclear = bool(config.flags & _AUTOCLEAR)
         current: list[Loop] = []
 
         def on_open(index: int, dev_fd: int) -> None:
