@@ -17,6 +17,8 @@ TYPE_CHECKING = False  # not typing's: see loopdev/__init__.py
 if TYPE_CHECKING:
     from types import TracebackType
 
+    from loopdev.cli import Args
+
 
 def excepthook(kind: type[BaseException], value: BaseException, tb: "TracebackType | None") -> None:
     """Python's report of an uncaught exception, except Ctrl-C: die of SIGINT."""
@@ -44,7 +46,15 @@ sys.excepthook = excepthook
 
 
 def main() -> int:
-    """The ``loopdev`` console script (and ``python -m loopdev``): ``loopdev.cli.main``."""
+    """The ``loopdev`` console script (and ``python -m loopdev``): ``loopdev.cli.main``,
+    which gets ``serve`` from here: the broker is a layer above the CLI, which does
+    not import it (tests/test_layers.py)."""
     from loopdev.cli import main as cli_main
 
-    return cli_main()
+    return cli_main(serve=_serve)
+
+
+def _serve(args: "Args") -> int:
+    from loopdev import broker  # only serve pays for importing it
+
+    return broker.run(args)

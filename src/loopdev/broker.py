@@ -37,6 +37,7 @@ from loopdev._broker_methods import HANDLERS, MAX_DETACH_TIMEOUT, Call, Service,
 from loopdev._broker_pool import Pool
 from loopdev._interface import NAME, TEXT, Refusal
 from loopdev._varlink import JsonObject
+from loopdev.cli import Args
 from loopdev.errors import LoopError
 
 __all__ = ["DEFAULT_SOCKET", "INTERFACE", "Broker", "Peer", "Policy", "listen", "serve"]
@@ -371,6 +372,23 @@ def _raise_fd_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def run(args: Args) -> int:
+    """``loopdev serve``: serve as the command line asks."""
+    policy = Policy(
+        users=frozenset(args.allow_user),
+        groups=frozenset(args.allow_group),
+        max_per_client=args.max_per_client,
+        max_devices=args.max_devices,
+        allow_block_devices=args.allow_block_devices,
+    )
+    return serve(
+        policy,
+        socket_path=args.socket or DEFAULT_SOCKET,
+        node_dir=args.node_dir,
+        timeout=args.timeout,
+    )
 
 
 def serve(

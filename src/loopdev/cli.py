@@ -838,21 +838,11 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_serve(args: Args) -> int:
-    """Run the broker until SIGTERM (see docs/BROKER.md)."""
-    from loopdev import broker
-
-    policy = broker.Policy(
-        users=frozenset(args.allow_user),
-        groups=frozenset(args.allow_group),
-        max_per_client=args.max_per_client,
-        max_devices=args.max_devices,
-        allow_block_devices=args.allow_block_devices,
-    )
-    return broker.serve(
-        policy,
-        socket_path=args.socket or broker.DEFAULT_SOCKET,
-        node_dir=args.node_dir,
-        timeout=args.timeout,
+    """``serve`` runs the broker, a layer above the CLI (which does not import it):
+    the program (``loopdev``, ``python -m loopdev``) hands it to :func:`main`."""
+    raise LoopError(
+        errno.ENOTSUP,
+        "serve runs the broker: start it as `loopdev serve` or `python -m loopdev serve`",
     )
 
 
@@ -891,8 +881,9 @@ def _output_cut() -> int:
     return 1
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit status."""
+def main(argv: list[str] | None = None, *, serve: Callable[[Args], int] = cmd_serve) -> int:
+    """Run the command line; returns the exit status. ``serve`` runs ``loopdev serve``
+    (``loopdev.__main__`` passes the broker's)."""
     given = sys.argv[1:] if argv is None else argv
     # Busybox style: the same program under the name losetup is the drop-in.
     if argv is None and os.path.basename(sys.argv[0]) == "losetup":
@@ -915,8 +906,9 @@ def main(argv: list[str] | None = None) -> int:
             args.cmd = args.cmd[1:]
         if not args.cmd:
             sub.error("run needs a command: loopdev run [OPTIONS] FILE -- COMMAND [ARG...]")
+    func = serve if args.command == "serve" else args.func
     try:
-        status = args.func(args)
+        status = func(args)
         sys.stdout.flush()  # here, where a broken pipe can still be caught
         return status
     except BrokenPipeError:
