@@ -267,7 +267,7 @@ def attach(
     is read-only and has no node for the device, the private node is made
     in a scratch directory (``node_dir`` first) instead.
     """
-    _block_size_for_table(backing_fd, config)
+    config = _block_size_for_table(backing_fd, config)
 
     def run() -> _native.Attached:
         return _native.attach(
@@ -381,7 +381,7 @@ def _attach_packed(control: Control, backing_fd: int, config: _native.Config, lo
 
 def configure(dev_fd: int, index: int, backing_fd: int, config: _native.Config) -> None:
     """Bind an open device (stale partitions go first) and register its partitions."""
-    _block_size_for_table(backing_fd, config)
+    config = _block_size_for_table(backing_fd, config)
     _native.bind(dev_fd, index, backing_fd, config, device=device_path(index))
     try:
         register_partitions(dev_fd, index, config)
@@ -391,11 +391,11 @@ def configure(dev_fd: int, index: int, backing_fd: int, config: _native.Config) 
         raise
 
 
-def _block_size_for_table(backing_fd: int, config: _native.Config) -> None:
+def _block_size_for_table(backing_fd: int, config: _native.Config) -> _native.Config:
     """With partscan and no block size given, the sector size the image's GPT was
     written for (512 or 4096), as systemd does; an explicit block size always wins."""
     if config.block_size or not config.flags & _native.LO_FLAGS_PARTSCAN:
-        return
+        return config
     try:
         st = os.fstat(backing_fd)
         whole = (
@@ -404,13 +404,14 @@ def _block_size_for_table(backing_fd: int, config: _native.Config) -> None:
             else st.st_size
         )
     except OSError:  # untested: a bad fd with partscan (bad-input tests go without)
-        return  # the kernel will say what is wrong with this fd
+        return config  # the kernel will say what is wrong with this fd
     size = whole - config.offset
     if config.sizelimit:
         size = min(size, config.sizelimit)
     found = parttable.gpt_sector_size(backing_fd, config.offset, size)
     if found is not None and found != 512:
-        config.block_size = found
+        return config.with_block_size(found)
+    return config
 
 
 def register_partitions(dev_fd: int, index: int, config: _native.Config) -> None:

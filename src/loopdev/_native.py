@@ -12,6 +12,7 @@ import os
 
 from loopdev import errors
 from loopdev._loopdev_ffi import ffi, lib
+from loopdev._record import Record
 
 TYPE_CHECKING = False  # not typing's: see loopdev/__init__.py
 if TYPE_CHECKING:
@@ -317,10 +318,18 @@ def force_fallback(on: bool) -> None:
 # ------------------------------------------------------------------ binding
 
 
-class Config:
+class Config(Record):
     """What to configure; ``flags`` are ``LO_FLAGS_*`` (read-only, autoclear, partscan)."""
 
-    __slots__ = ("block_size", "direct_io", "file_name", "flags", "offset", "sizelimit")
+    __slots__ = ()
+    __match_args__ = ("offset", "sizelimit", "block_size", "flags", "direct_io", "file_name")
+
+    offset: int
+    sizelimit: int
+    block_size: int
+    flags: int
+    direct_io: int
+    file_name: str | None
 
     def __init__(
         self,
@@ -331,12 +340,13 @@ class Config:
         direct_io: int = DIRECT_IO_OFF,
         file_name: str | None = None,
     ) -> None:
-        self.offset = offset
-        self.sizelimit = sizelimit
-        self.block_size = block_size
-        self.flags = flags
-        self.direct_io = direct_io
-        self.file_name = file_name
+        self._values = (offset, sizelimit, block_size, flags, direct_io, file_name)
+
+    def with_block_size(self, block_size: int) -> Config:
+        """The same with another block size."""
+        return Config(
+            self.offset, self.sizelimit, block_size, self.flags, self.direct_io, self.file_name
+        )
 
 
 def _fill_config(raw: Any, config: Config, backing_fd: int) -> Any:

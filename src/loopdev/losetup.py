@@ -29,20 +29,26 @@ from loopdev.errors import LoopError
 
 __all__ = ["COLUMNS", "main"]
 
-# Column -> (right-aligned, JSON type, help). The order is --output-all's.
+# losetup's columns in --output-all's order: name, JSON type, help (as --help
+# lists them). Numbers and flags are right-aligned, text left-aligned.
+_COLUMN_TABLE = """
+NAME          str   loop device name
+AUTOCLEAR     bool  autoclear flag set
+BACK-FILE     str   device backing file
+BACK-INO      num   backing file inode number
+BACK-MAJ:MIN  str   backing file major:minor device number
+MAJ:MIN       str   loop device major:minor number
+OFFSET        num   offset from the beginning
+PARTSCAN      bool  partscan flag set
+RO            bool  read-only device
+SIZELIMIT     num   size limit of the file in bytes
+DIO           bool  access backing file with direct-io
+LOG-SEC       num   logical sector size in bytes
+"""
+# Column -> (right-aligned, JSON type, help).
 COLUMNS: dict[str, tuple[bool, str, str]] = {
-    "NAME": (False, "str", "loop device name"),
-    "AUTOCLEAR": (True, "bool", "autoclear flag set"),
-    "BACK-FILE": (False, "str", "device backing file"),
-    "BACK-INO": (True, "num", "backing file inode number"),
-    "BACK-MAJ:MIN": (False, "str", "backing file major:minor device number"),
-    "MAJ:MIN": (False, "str", "loop device major:minor number"),
-    "OFFSET": (True, "num", "offset from the beginning"),
-    "PARTSCAN": (True, "bool", "partscan flag set"),
-    "RO": (True, "bool", "read-only device"),
-    "SIZELIMIT": (True, "num", "size limit of the file in bytes"),
-    "DIO": (True, "bool", "access backing file with direct-io"),
-    "LOG-SEC": (True, "num", "logical sector size in bytes"),
+    name: (kind != "str", kind, text)
+    for name, kind, text in (line.split(None, 2) for line in _COLUMN_TABLE.strip().splitlines())
 }
 DEFAULT_COLUMNS = ("NAME", "SIZELIMIT", "OFFSET", "AUTOCLEAR", "RO", "BACK-FILE", "DIO", "LOG-SEC")
 
