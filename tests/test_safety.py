@@ -159,6 +159,7 @@ def test_names_ending_in_newline_are_other_files(tmp_path: Path, devices: None) 
         assert find(plain) == []
         assert [i.name for i in find(newline)] == [other.name]
         assert cli_ok("find", str(plain)) == ""
+        assert cli_ok("losetup", "-j", str(plain)) == ""  # the drop-in too
         # -L must not reuse the device of "img\n".
         shown = cli_ok("attach", "--show", "-L", str(plain)).strip()
         assert shown != other.path
@@ -182,6 +183,7 @@ def test_a_live_deleted_looking_name_is_not_the_deleted_file(tmp_path: Path, dev
         assert backing_of(dev.index) == str(live)  # what sysfs shows: the same text
         assert find(live) == []
         assert cli_ok("find", str(live)) == ""
+        assert cli_ok("losetup", "-j", str(live)) == ""
         cli_ok("detach", str(live))
         assert backing_of(dev.index) == str(live)  # still bound: not that file
         shown = cli_ok("attach", "--show", "-L", str(live)).strip()
