@@ -33,7 +33,9 @@ from brokerlib import (
 from images import sfdisk
 from test_broker import server, serving, serving_as_nobody, start  # noqa: F401
 
-from loopdev import broker
+import loopdev
+from loopdev import _native, _varlink, broker, partitions
+from loopdev._broker_grant import Grant, NodeDir
 from loopdev.errors import LoopError
 
 SECRET = b"ROOT-SECRET"
@@ -367,3 +369,41 @@ except OSError as exc:
     assert got[0]["kind"] == "LimitReached" and "253 descriptors" in got[0]["text"], got
     assert poll(lambda: not bound_under(space), 3)
     assert "Attach" in server.log_text() and "LimitReached" in server.log_text()
+
+
+def test_refused_detach_never_reopens_a_node_whose_number_moved(space: Path) -> None:
+    """A refused Detach hands the nodes back only where each still is its partition:
+    partitions deleted and added back (the release deletes them one by one when it
+    cannot ask first; a rescan) get new minors, and their old numbers go to the next
+    disk, so those nodes stay at mode 0."""
+    image = gpt_image(space / "moved.img", owner=None)
+    fd = os.open(image, os.O_RDWR | os.O_CLOEXEC)
+    node_dir = NodeDir("/dev")
+    dev = loopdev.attach(fd, partscan=True, autoclear=True)
+    grant = Grant(read_only=False)
+    refs: list[int] = []  # what a client keeps of each node
+    try:
+        names = [dev.name] + [p.name for p in dev.partitions]
+        numbers = [os.fstat(dev.fd).st_rdev]
+        numbers += [os.makedev(p.major, p.minor) for p in dev.partitions]
+        for name, number in zip(names, numbers, strict=True):
+            handed = node_dir.hand_over(number, name, grant)
+            refs.append(os.open(f"/proc/self/fd/{handed}", _native.O_PATH | os.O_CLOEXEC))
+            os.close(handed)
+        grant.revoke()
+        _native.delete_partitions(dev.fd, dev.index, bound=True)
+        partitions.ensure_registered(dev.fd, dev.index, None)
+        now = [os.makedev(p.major, p.minor) for p in dev.partitions]
+        moved = [n for n, old, new in zip(names[1:], numbers[1:], now, strict=True) if old != new]
+        if not moved:
+            pytest.skip("every partition came back under its old number (RCU was quick)")
+        assert sorted(grant.restore()) == sorted(moved)
+        for ref, name in zip(refs, names, strict=True):
+            mode = stat.S_IMODE(os.stat(f"/proc/self/fd/{ref}").st_mode)
+            assert mode == (0 if name in moved else 0o666), name
+    finally:
+        grant.close()
+        _varlink.close_fds(refs)
+        dev.detach()
+        node_dir.close()
+        os.close(fd)

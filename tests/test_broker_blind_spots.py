@@ -37,7 +37,7 @@ from brokerlib import (
     raw_send,
 )
 
-from loopdev import _varlink, broker
+from loopdev import _native, _varlink, broker
 
 
 @pytest.fixture
@@ -179,40 +179,68 @@ def test_detach_waits_at_most_its_cap(space: Path, server: Server) -> None:
 # --- paths the coverage pass found untaken ---------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="about 1 run in 8 on main (after the broker split): Detach answers LoopError "
-    "ENXIO (device None) instead of DeviceBusy; reported to the lead (issue 19)",
-)
-def test_detach_with_a_partition_held_keeps_the_device(space: Path, server: Server) -> None:
+@pytest.mark.parametrize("held", [1, 2])
+def test_detach_with_a_partition_held_keeps_the_device(
+    space: Path, server: Server, held: int
+) -> None:
     """A partition is open elsewhere: Detach is DeviceBusy and changes nothing (the
-    device stays the connection's, listed); once let go, Detach succeeds."""
+    device stays the connection's, listed, its partitions under the same numbers,
+    the handed-over nodes open again); once let go, Detach succeeds.
+
+    Held in turn: whichever partition the kernel lists first, one of the two runs
+    holds one listed after another. Deleting that other one and adding it back
+    gave it a new minor (about 1 run in 8 before, by the device's name): the
+    broker then answered ENXIO and kept the device, half revoked.
+    """
     image = gpt_image(space / "held-part.img")
     fd = os.open(image, os.O_RDWR | os.O_CLOEXEC)
     sock = raw_connect(server.socket)
     holder = -1
+    refs: list[int] = []
     try:
         reply, fds = call(sock, "io.loopdev.Attach", {"file": 0, "partscan": True}, [fd])
         assert reply is not None and "parameters" in reply, reply
         name = reply["parameters"]["device"]["name"]
-        for handed in fds:
+        for handed in fds:  # what a client keeps: references, not open descriptors
+            refs.append(os.open(f"/proc/self/fd/{handed}", _native.O_PATH | os.O_CLOEXEC))
             os.close(handed)
-        poll(lambda: os.path.exists(f"/dev/{name}p1"), 5)
-        holder = os.open(f"/dev/{name}p1", os.O_RDONLY | os.O_CLOEXEC)
+        numbers = _numbers(name)
+        assert len(numbers) == 1 + len(GPT_PARTS)
+        poll(lambda: os.path.exists(f"/dev/{name}p{held}"), 5)
+        holder = os.open(f"/dev/{name}p{held}", os.O_RDONLY | os.O_CLOEXEC)
         reply = _detach_reply(sock, name, 1.0)
         assert reply is not None and reply["error"] == "io.loopdev.DeviceBusy", reply
         reply, _ = call(sock, "io.loopdev.List")
         assert reply is not None
         assert [d["name"] for d in reply["parameters"]["devices"]] == [name]
         assert len(reply["parameters"]["devices"][0]["partitions"]) == len(GPT_PARTS)
+        assert _numbers(name) == numbers  # nothing deleted and added back
+        for ref, number in zip(refs, numbers, strict=True):
+            st = os.stat(f"/proc/self/fd/{ref}")
+            assert (st.st_rdev, st.st_mode & 0o777) == (number, 0o666)
         os.close(holder)
         holder = -1
         assert _detach_reply(sock, name, 5.0) == {"parameters": {}}
+        for ref in refs:  # revoked once the device is gone
+            assert os.stat(f"/proc/self/fd/{ref}").st_mode & 0o777 == 0
     finally:
         if holder >= 0:
             os.close(holder)
+        _varlink.close_fds(refs)
         sock.close()
         os.close(fd)
+
+
+def _numbers(name: str) -> list[int]:
+    """The device numbers of ``name`` and its partitions, in partition order."""
+    paths = [f"/sys/block/{name}"]
+    paths += [f"/sys/block/{name}/{name}p{n}" for n in range(1, len(GPT_PARTS) + 1)]
+    numbers = []
+    for path in paths:
+        with open(f"{path}/dev") as f:
+            major, minor = f.read().split(":")
+        numbers.append(os.makedev(int(major), int(minor)))
+    return numbers
 
 
 def test_interface_description_of_another_interface(server: Server) -> None:

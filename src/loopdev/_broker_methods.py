@@ -111,9 +111,10 @@ def attach(svc: Service, call: Call, params: JsonObject) -> Reply:
                 message=f"{dev.name} has {len(parts)} partitions; a reply carries at most "
                 f"{SCM_MAX_FD} descriptors: the device and {SCM_MAX_FD - 1} partitions",
             )
-        handed.append(svc.nodes.hand_over(os.fstat(dev.fd).st_rdev, grant))
+        handed.append(svc.nodes.hand_over(os.fstat(dev.fd).st_rdev, dev.name, grant))
         for part in parts:
-            handed.append(svc.nodes.hand_over(os.makedev(part.major, part.minor), grant))
+            rdev = os.makedev(part.major, part.minor)
+            handed.append(svc.nodes.hand_over(rdev, part.name, grant))
         grant.hold_partitions()
     except BaseException:
         _varlink.close_fds(handed)
@@ -132,11 +133,18 @@ def detach(svc: Service, call: Call, params: JsonObject) -> Reply:
     dev = owned.dev
     owned.grant.revoke()  # before the minor can be bound again
     try:
+        owned.grant.drop_partitions()  # or DeviceBusy: deleting some would renumber them
         dev.detach(timeout=timeout)
     except DeviceBusy:
         if dev.fd >= 0:
-            # A partition is held: nothing changed, the device stays the client's.
-            owned.grant.restore()
+            # A partition is held: the device stays the client's.
+            try:
+                lost = owned.grant.restore()
+            except BaseException:
+                release(svc, owned, entry)
+                raise
+            if lost:
+                call.detail.append(f"renumbered={','.join(lost)}")
             svc.ledger.give_back(owned, entry)
             raise
         release(svc, owned, entry)  # cleared; counted until the holder lets go
