@@ -136,8 +136,10 @@ def partitions_of(name: str) -> list[str]:
         return []
 
 
-def handover_dirs() -> set[str]:
-    return set(glob.glob("/dev/.loopdev-broker.*"))
+def handover_dirs_named(pid: int) -> set[str]:
+    """The hand-over directories named for broker ``pid``, alive or dead (the name
+    carries the pid; only brokers older than that rule made others)."""
+    return set(glob.glob(f"/dev/.loopdev-broker.{pid}.*"))
 
 
 def handover_dirs_of(pid: int) -> set[str]:

@@ -36,7 +36,8 @@ from brokerlib import (
     call,
     closed_by_server,
     gpt_image,
-    handover_dirs,
+    handover_dirs_named,
+    handover_dirs_of,
     make_image,
     partitions_of,
     poll,
@@ -850,7 +851,6 @@ def test_socket_activation(space: Path) -> None:
         " '--allow-user', 'nobody', '--socket', sys.argv[2]])\n"
     )
     unused = str(space / "not-this.sock")
-    dirs = handover_dirs()
     proc = subprocess.Popen(
         [sys.executable, "-c", launcher, str(listener.fileno()), unused],
         pass_fds=[listener.fileno()],
@@ -866,6 +866,8 @@ def test_socket_activation(space: Path) -> None:
         )
         assert got[0]["name"].startswith("loop")
         assert not os.path.exists(unused)
+        mine = handover_dirs_of(proc.pid)  # the launcher exec'd the broker: same pid
+        assert len(mine) == 1, mine
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:
@@ -877,7 +879,9 @@ def test_socket_activation(space: Path) -> None:
     text = (space / "activated.log").read_text()
     assert "the socket from systemd" in text and "Traceback" not in text, text
     assert os.path.exists(path)  # systemd's socket, not ours to remove
-    assert handover_dirs() <= dirs
+    # Only its own: other brokers on this machine come and go meanwhile.
+    assert not [d for d in mine if os.path.lexists(d)]
+    assert not handover_dirs_named(proc.pid)
 
 
 def test_refuses_to_start_twice_and_on_a_nodev_node_dir(space: Path, server: Server) -> None:
