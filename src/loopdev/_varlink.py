@@ -18,6 +18,7 @@ import array
 import json
 import math
 import os
+import select
 import socket
 import time
 from collections.abc import Mapping, Sequence
@@ -94,6 +95,20 @@ def close_fds(fds: Sequence[int]) -> None:
             pass
 
 
+# The socket's own blocking mode and timeout are left alone (setting them is an
+# ioctl each time, and a timeout makes Python poll before every call): every
+# call is non-blocking and waits in poll() only where it has to. No SIGPIPE.
+_SEND_FLAGS = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
+_RECV_FLAGS = socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC
+
+
+def _ready(sock: socket.socket, event: int, timeout: float | None) -> bool:
+    """Whether ``sock`` is ready for ``event`` (or closed) within ``timeout`` s (None: ever)."""
+    poller = select.poll()
+    poller.register(sock, event)
+    return bool(poller.poll(-1 if timeout is None else min(math.ceil(timeout * 1000), 2**31 - 1)))
+
+
 def _fds_from(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
     fds = array.array("i")
     for level, kind, data in ancdata:
@@ -134,20 +149,17 @@ class Connection:
                 raise ProtocolError(f"message larger than {self.max_message} bytes")
             started = bool(self._buf)
             wait = self._deadline - time.monotonic() if started else idle_timeout
-            if wait is not None and wait <= 0:
-                raise ProtocolError(f"message not completed within {self.timeout:g} s")
-            self.sock.settimeout(wait)
+            if (wait is not None and wait <= 0) or not _ready(self.sock, select.POLLIN, wait):
+                if started:
+                    raise ProtocolError(f"message not completed within {self.timeout:g} s")
+                raise IdleTimeout
             try:
                 got: tuple[bytes, list[tuple[int, int, bytes]], int, object] = self.sock.recvmsg(
-                    _CHUNK, socket.CMSG_SPACE(self.max_fds * 4), socket.MSG_CMSG_CLOEXEC
+                    _CHUNK, socket.CMSG_SPACE(self.max_fds * 4), _RECV_FLAGS
                 )
                 data, ancdata, flags, _ = got
-            except TimeoutError:
-                if started:
-                    raise ProtocolError(
-                        f"message not completed within {self.timeout:g} s"
-                    ) from None
-                raise IdleTimeout from None
+            except BlockingIOError:
+                continue  # readable, then not: another reader of a shared socket
             except (ConnectionResetError, BrokenPipeError):
                 data, ancdata, flags = b"", [], 0
             fds = _fds_from(ancdata)
@@ -192,17 +204,22 @@ class Connection:
 
     def send(self, message: Mapping[str, object], fds: Sequence[int] = ()) -> None:
         """Send one message; ``fds`` go with its first byte. Raises ``ProtocolError``."""
-        data = json.dumps(message, separators=(",", ":")).encode() + b"\0"
+        data = memoryview(json.dumps(message, separators=(",", ":")).encode() + b"\0")
         ancdata = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-        self.sock.settimeout(self.timeout)
-        try:
-            sent = self.sock.sendmsg([data], ancdata if fds else [])
-            while sent < len(data):
-                sent += self.sock.send(data[sent:])
-        except TimeoutError:
-            raise ProtocolError(f"peer did not read within {self.timeout:g} s") from None
-        except OSError as exc:
-            raise ProtocolError(f"send failed: {exc.strerror}") from None
+        deadline = time.monotonic() + self.timeout
+        sent = 0
+        while sent < len(data):
+            try:
+                if sent == 0:
+                    sent = self.sock.sendmsg([data], ancdata if fds else [], _SEND_FLAGS)
+                else:
+                    sent += self.sock.send(data[sent:], _SEND_FLAGS)
+            except BlockingIOError:
+                left = deadline - time.monotonic()
+                if left <= 0 or not _ready(self.sock, select.POLLOUT, left):
+                    raise ProtocolError(f"peer did not read within {self.timeout:g} s") from None
+            except OSError as exc:
+                raise ProtocolError(f"send failed: {exc.strerror}") from None
 
     def discard(self) -> None:
         """Close descriptors of messages that will never complete."""
