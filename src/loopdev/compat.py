@@ -209,7 +209,8 @@ class Loop:
         read_only: bool | None = None,
     ) -> None:
         """Bind to ``fd`` and configure in one step (``LOOP_CONFIGURE``, or its fallback)."""
-        config = _config_from_kwargs(offset, sizelimit, blocksize, autoclear, partscan, read_only)
+        flags = _engine.flags(read_only, autoclear, partscan)
+        config = _native.Config(offset or 0, sizelimit or 0, blocksize or 0, flags)
         _engine.configure(self.fd, self.minor, fd, config)
         self._autoclear = bool(autoclear)
         self._bound = True
@@ -315,7 +316,7 @@ class LoopControl:
             raise RuntimeError("LoopControl is closed")
         if fd < 0:
             raise ValueError(f"Invalid file descriptor '{fd}'")
-        # Inline, not _config_from_kwargs: this is the hot path (issue 17).
+        # Inline, not _engine.flags: this is the hot path (issue 17).
         flags = (
             (_READ_ONLY if read_only else 0)
             | (_AUTOCLEAR if autoclear else 0)
@@ -350,19 +351,3 @@ class LoopControl:
 
         _engine.attach(self._control, fd, config, lock=lock, on_open=on_open, on_discard=on_discard)
         return current[-1]
-
-
-def _config_from_kwargs(
-    offset: int | None = None,
-    sizelimit: int | None = None,
-    blocksize: int | None = 0,
-    autoclear: int | None = None,
-    partscan: int | None = None,
-    read_only: int | None = None,
-) -> _native.Config:
-    return _native.Config(
-        offset=offset or 0,
-        sizelimit=sizelimit or 0,
-        block_size=blocksize or 0,
-        flags=_engine.flags(read_only, autoclear, partscan),
-    )
