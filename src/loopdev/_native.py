@@ -482,6 +482,7 @@ def attach(
     """
     req = ffi.new(_ATTACH_REQ)
     res = ffi.new(_ATTACH_RES)
+    res.fd = -1  # zero-filled reads as fd 0: a signal before the call must not close stdin
     req.ctl_fd = ctl_fd
     req.dev_dirfd = dev_dirfd
     req.private_nodes = private_nodes
