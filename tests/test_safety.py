@@ -404,29 +404,34 @@ def ours_in_traceback(stderr: str) -> list[str]:
 
 @pytest.mark.parametrize("how", ["console-script", "python-m"])
 def test_ctrl_c_early_in_a_run_is_quiet(image_plain: Path, tmp_path: Path, how: str) -> None:
-    """SIGINT 0-60 ms after the start (mostly inside ``import loopdev``, ~40 ms): the
-    command dies of SIGINT as losetup does, without a traceback, nothing bound.
-    Python's own start (``site``, the script's ``import re``) comes before any code
-    of loopdev and may still print one: such a traceback must hold no loopdev frame."""
+    """SIGINT at 16 points of a run (spread over the time one run takes, so under
+    coverage too most land inside ``import loopdev`` or the run): the command dies
+    of SIGINT as losetup does, without a traceback, nothing bound. Python's own start
+    (``site``, the script's ``import re``) comes before any code of loopdev and may
+    still print one: such a traceback must hold no loopdev frame."""
     if how == "console-script":
         argv = [str(console_script(tmp_path))]
     else:
         argv = [sys.executable, "-m", "loopdev"]
     argv += ["run", str(image_plain), "--", "true"]
-    quiet = 0
-    for delay in range(0, 64, 4):
+    start = time.monotonic()
+    subprocess.run(argv, check=True, capture_output=True)
+    whole = time.monotonic() - start
+    killed_quietly = 0
+    for step in range(16):
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        time.sleep(delay / 1000)
+        time.sleep(whole * step / 16)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
         if "Traceback" in err:  # Python's start: exit status 1 or SIGINT, its choice
-            assert not ours_in_traceback(err), (delay, err)
+            assert not ours_in_traceback(err), (step, err)
         else:
-            assert proc.returncode in (0, -signal.SIGINT), (delay, proc.returncode, err)
-            assert not err, (delay, err)
-            quiet += 1
-        assert find(image_plain) == [], delay
-    assert quiet >= 8, quiet
+            assert proc.returncode in (0, -signal.SIGINT), (step, proc.returncode, err)
+            assert not err, (step, err)
+            killed_quietly += proc.returncode == -signal.SIGINT
+        assert find(image_plain) == [], step
+    # Not a timing figure: only that the signal met a running loopdev at least once.
+    assert killed_quietly >= 1
 
 
 def test_another_programs_ctrl_c_is_its_own(tmp_path: Path) -> None:
