@@ -27,6 +27,19 @@ ours() { # COMMAND...: its stdout, only the lines about our images
   printf '%s\n' "$out" | grep -F -e "$W/" -e 'NAME ' || true
   return $rc
 }
+attach_chosen() { # NAME FILE: attach FILE to the device -f names (another
+  # allocator may take it first, then it is busy and -f names the next one)
+  local dev rc
+  echo "== $1"
+  for _ in $(seq 20); do
+    dev=$(losetup -f)
+    losetup "$dev" "$2" 2>/dev/null
+    rc=$?
+    [ $rc -ne 0 ] || break
+    sleep 0.1
+  done
+  echo "rc=$rc"
+}
 attach() { # VAR NAME ARGS...: attach, keep the device path in VAR
   local var=$1 name=$2 out rc
   shift 2
@@ -89,17 +102,8 @@ form detach losetup -d "$A" "$B" "$P"
 form error-detach-missing losetup -d /dev/loop999999
 form error-show-missing losetup /dev/loop999999
 form error-capacity-missing losetup -c /dev/loop999999
-# LOOPDEV FILE: a device chosen by the caller (the one -f names; another
-# allocator may take it first, then it is busy and -f names the next one).
-echo "== attach-chosen"
-for _ in $(seq 20); do
-  F=$(losetup -f)
-  losetup "$F" a.img 2>/dev/null
-  rc=$?
-  [ $rc -ne 0 ] || break
-  sleep 0.1
-done
-echo "rc=$rc"
+# LOOPDEV FILE: a device chosen by the caller.
+attach_chosen attach-chosen a.img
 F=$(losetup -j a.img | cut -d: -f1)
 form attach-chosen-check ours losetup -j a.img
 form detach-rest losetup -d "$C" "$D" $F
@@ -108,15 +112,7 @@ form detach-rest losetup -d "$C" "$D" $F
 attach R attach-mode-0444 -f --show ro.img
 form list-mode-0444 losetup -l -n -O RO,BACK-FILE -j ro.img
 form detach-mode-0444 losetup -d "$R"
-echo "== attach-chosen-mode-0444"
-for _ in $(seq 20); do
-  G=$(losetup -f)
-  losetup "$G" ro.img 2>/dev/null
-  rc=$?
-  [ $rc -ne 0 ] || break
-  sleep 0.1
-done
-echo "rc=$rc"
+attach_chosen attach-chosen-mode-0444 ro.img
 form list-chosen-mode-0444 losetup -l -n -O RO,BACK-FILE -j ro.img
 G=$(losetup -j ro.img | cut -d: -f1)
 form detach-chosen-mode-0444 losetup -d $G
