@@ -43,7 +43,7 @@ class Control:
     directory is used as it is (a wrong node there is ``UnexpectedDevice``).
     """
 
-    __slots__ = ("_scratch", "dev_dir", "devtmpfs", "fd", "part_shift", "private_nodes")
+    __slots__ = ("_scratch", "dev_dir", "fd", "part_shift", "private_nodes")
 
     def __init__(self, dir_fd: int | None = None) -> None:
         self.fd = -1
@@ -77,7 +77,7 @@ class Control:
         self.private_nodes = dir_fd is None
         self.part_shift = sysfs.minor_shift()
         global _devtmpfs
-        self.devtmpfs = _devtmpfs = nodes.dev_is_devtmpfs()  # asked once per process
+        _devtmpfs = nodes.dev_is_devtmpfs()  # asked once per process
         self.fd = fd
 
     def close(self) -> None:
@@ -311,7 +311,7 @@ _PARTSCAN = _native.LO_FLAGS_PARTSCAN
 # makes the += atomic.
 _token = 0
 # Whether /dev is a devtmpfs, once a Control asked (nodes caches it per process):
-# release() reads it without a call.
+# attach_plain() and release() read it without a call.
 _devtmpfs: bool | None = None
 
 
@@ -330,7 +330,7 @@ def attach_plain(
     kernel makes the nodes): one C call with scalar arguments, instead of two
     structs filled field by field and three Python layers (issue 17).
     """
-    if flags & _PARTSCAN or not control.devtmpfs:
+    if flags & _PARTSCAN or not _devtmpfs:
         return _attach_packed(
             control, backing_fd, _native.Config(offset, sizelimit, block_size, flags), lock
         )
