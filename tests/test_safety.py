@@ -393,13 +393,32 @@ def console_script(where: Path) -> Path:
     return script
 
 
+def hook_line(path: str, statement: str) -> int:
+    """The line of ``path`` where ``statement`` (the excepthook's install) stands."""
+    with open(path) as f:
+        return next(n for n, line in enumerate(f, 1) if line.strip() == statement)
+
+
+# Where each way in puts the command's Ctrl-C handling in place. A Ctrl-C
+# before that line (a few instructions of our first module: Python runs a
+# pending signal at calls, as in the `-m` check's `index()`) still gets
+# Python's own traceback; after it, none may.
+HOOKS = {
+    os.path.join(PACKAGE_DIR, "__init__.py"): "sys.excepthook = _excepthook",
+    str(Path(PACKAGE_DIR).parent / "_loopdev_main.py"): "sys.excepthook = excepthook",
+}
+
+
 def ours_in_traceback(stderr: str) -> list[str]:
     """Frames of loopdev's own files in ``stderr``'s traceback, except where the
-    last frame is the first instruction of loopdev's first module ("line 0"): a
-    Ctrl-C that came while Python was still finding that module."""
+    only one is the entry module before its hook is in place (see HOOKS)."""
     frames = re.findall(r'File "([^"]+)", line (\d+)', stderr)
-    ours = [f"{f}:{n}" for f, n in frames if f.startswith(PACKAGE_DIR) or "_loopdev_main" in f]
-    return [] if len(ours) == 1 and frames[-1][1] == "0" and ours[0].endswith(":0") else ours
+    ours = [(f, int(n)) for f, n in frames if f.startswith(PACKAGE_DIR) or "_loopdev_main" in f]
+    if len(ours) == 1 and frames[-1][0] == ours[0][0]:
+        path, line = ours[0]
+        if path in HOOKS and line < hook_line(path, HOOKS[path]):
+            return []
+    return [f"{f}:{n}" for f, n in ours]
 
 
 @pytest.mark.parametrize("how", ["console-script", "python-m"])
