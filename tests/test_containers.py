@@ -660,3 +660,65 @@ def test_loop_devt_matches_sysfs(devices: None) -> None:
         assert loop_devt(int(name[4:])) == want, name
         checked += 1
     assert checked
+
+
+# --- a refused detach leaves every node right -----------------------------------
+
+
+def body_refused_detach_keeps_nodes_right(image: str) -> None:
+    """Hold each partition in turn and detach: refused (DeviceBusy), and every
+    partition node loopdev made still opens the partition of its name. The
+    release deletes partitions one by one and adds back those deleted before
+    the busy one; they come back under new minors (major 259 minors go to the
+    next partition of any disk), so nodes made for the old ones would reach
+    whatever disk gets those numbers next."""
+    dev = loopdev.attach(image, partscan=True)
+    nsrun.used(dev.name)
+    try:
+        for held in dev.partitions:
+            fd = os.open(held.path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                with pytest.raises(loopdev.DeviceBusy):
+                    dev.detach()
+            finally:
+                os.close(fd)
+            assert len(dev.partitions) == 3
+            for p in dev.partitions:
+                nsrun.assert_opens_as(p.path, p.name)
+    finally:
+        dev.detach()
+
+
+def test_refused_detach_keeps_nodes_right(gpt: tuple[str, Spans]) -> None:
+    image, _ = gpt
+    nsrun.run(body_refused_detach_keeps_nodes_right, image, images=[image])
+
+
+def body_moved_span_keeps_nodes_right(image: str) -> None:
+    """compat ``set_status`` with a new size limit on a device with partscan: its
+    partitions are registered again (new minors), and the nodes loopdev made
+    for them in /dev follow."""
+    fd = os.open(image, os.O_RDWR | os.O_CLOEXEC)
+    ctl = LoopControl()
+    try:
+        lo = ctl.loop_for_fd(fd, partscan=True)
+        name = lo.devname
+        nsrun.used(name)
+        try:
+            assert len(nsrun.partitions_of(name)) == 3
+            lo.set_status(sizelimit=32 << 20)  # the whole file, but a new span
+            after = nsrun.partitions_of(name)
+            assert len(after) == 3
+            for part in after:
+                nsrun.assert_opens_as(f"/dev/{part}", part)
+        finally:
+            lo.clear_fd()
+            lo.close()
+    finally:
+        ctl.close()
+        os.close(fd)
+
+
+def test_moved_span_keeps_nodes_right(gpt: tuple[str, Spans]) -> None:
+    image, _ = gpt
+    nsrun.run(body_moved_span_keeps_nodes_right, image, images=[image])

@@ -453,6 +453,13 @@ def publish_nodes(index: int, config: _native.Config, mode: int = 0o600) -> None
         made.close()
 
 
+def renew_nodes(index: int) -> None:
+    """After partitions of ``loop{index}`` were deleted and added back (new minors):
+    the /dev nodes loopdev made for them follow."""
+    if not nodes.dev_is_devtmpfs():
+        nodes.renew_marked(DEV, f"loop{index}")
+
+
 def unpublish_nodes(index: int) -> None:
     """Remove the /dev nodes loopdev made for ``loop{index}`` and its partitions."""
     if not nodes.dev_is_devtmpfs():
@@ -547,6 +554,7 @@ def release(
     try:
         _native.delete_partitions(dev_fd, index, bound=bound)
     except errors.DeviceBusy:
+        renew_nodes(index)  # those deleted before the busy one came back renumbered
         if not lazy or not _native.get_status(dev_fd).lo_flags & _native.LO_FLAGS_PARTSCAN:
             raise
     if before_clear is not None:
@@ -566,5 +574,8 @@ def set_status(dev_fd: int, index: int, info: _native.LoopInfo, old_span: tuple[
     _native.set_status(dev_fd, info, device=device_path(index))
     moved = (info.lo_offset, info.lo_sizelimit) != old_span
     if moved and info.lo_flags & _native.LO_FLAGS_PARTSCAN:
-        _native.delete_partitions(dev_fd, index)
-        partitions.ensure_registered(dev_fd, index, None)
+        try:
+            _native.delete_partitions(dev_fd, index)
+            partitions.ensure_registered(dev_fd, index, None)
+        finally:
+            renew_nodes(index)  # the partitions have new minors, or are gone

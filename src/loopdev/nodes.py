@@ -247,3 +247,31 @@ def remove_marked(directory: str, device: str) -> None:
             os.unlink(path)
         except OSError:
             continue  # gone meanwhile, or not ours
+
+
+def renew_marked(directory: str, device: str) -> None:
+    """Point the partition nodes of ``device`` that loopdev made in ``directory`` at
+    the numbers sysfs gives their names now; remove those whose partition is gone.
+
+    For after the kernel renumbered partitions: a release refused for a busy
+    partition adds back those it deleted before it, under new minors, and
+    a node left at an old minor would reach whatever disk gets it next.
+    """
+    prefix = f"{device}p"
+    made = NodeSet(directory)
+    try:
+        for name in os.listdir(directory):
+            if not (name.startswith(prefix) and name[len(prefix) :].isdigit()):
+                continue
+            try:
+                st = os.stat(name, dir_fd=made.dir_fd, follow_symlinks=False)
+                os.getxattr(f"{directory}/{name}", _MARK, follow_symlinks=False)
+            except OSError:
+                continue  # gone meanwhile, or not ours
+            now = sysfs.devt(name)
+            if now is None:
+                remove_node(made.dir_fd, name, (os.major(st.st_rdev), os.minor(st.st_rdev)))
+            elif os.makedev(*now) != st.st_rdev:
+                made.add(name, now, stat.S_IMODE(st.st_mode), mark=True)
+    finally:
+        made.close()
