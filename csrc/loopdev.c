@@ -814,11 +814,12 @@ static int sysfs_has(int index)
     return sysfs >= 0 && faccessat(sysfs, name, F_OK, 0) == 0;
 }
 
-/* The device through a node of our own, made where dev_dirfd had none (a
+/* The device through a node of our own, made where dirfd had none (a
  * container's static /dev) or a wrong one: in a fresh root-only directory,
- * opened, then unlinked with its directory, so nothing persists. The node's
- * numbers come from the part_shift the caller read from sysfs. */
-int ld_open_private(int dirfd, int index, int part_shift)
+ * opened (with oflags' access mode), then unlinked with its directory, so
+ * nothing persists. The node's numbers come from the part_shift the caller
+ * read from sysfs. */
+int ld_open_private(int dirfd, int index, int part_shift, int oflags)
 {
     static unsigned serial;
     char dir[48], name[32];
@@ -836,7 +837,7 @@ int ld_open_private(int dirfd, int index, int part_shift)
     else if (mknodat(dfd, name, S_IFBLK | 0600, devt) < 0)
         r = neg_errno();
     else {
-        fd = openat(dfd, name, O_RDWR | O_CLOEXEC);
+        fd = openat(dfd, name, (oflags & O_ACCMODE) | O_CLOEXEC);
         if (fd < 0)
             r = neg_errno();
         unlinkat(dfd, name, 0);
@@ -847,56 +848,63 @@ int ld_open_private(int dirfd, int index, int part_shift)
     return r < 0 ? r : fd;
 }
 
-/* 0: fd is block device loopN. */
-static int check_node(const struct ld_attach_req *req, struct ld_attach_res *res, int index,
-                      int fd)
+/* 0: fd is block device loopN; else -ENODEV with what it is in res. */
+int ld_check_node(int fd, int index, int part_shift, struct ld_attach_res *res)
 {
     struct stat st;
     if (fstat(fd, &st) < 0) /* untested: fstat of an open fd does not fail */
         return neg_errno();
-    if (S_ISBLK(st.st_mode) &&
-        st.st_rdev == makedev(LOOP_MAJOR, (unsigned)index << req->part_shift))
+    if (S_ISBLK(st.st_mode) && st.st_rdev == makedev(LOOP_MAJOR, (unsigned)index << part_shift))
         return 0;
     res->rdev = st.st_rdev;
     res->mode = st.st_mode;
     return -ENODEV;
 }
 
+/* The one device check, for the attach loop and for opening a device by
+ * number (loopdev._engine.open_device): an fd of loopN below dirfd that is
+ * block device 7:(N << part_shift), never another disk's node. */
+int ld_open_device(int dirfd, int index, int part_shift, int private_nodes, int oflags,
+                   struct ld_attach_res *res)
+{
+    char name[32];
+    int fd, r;
+
+    name_n(name, "loop", index);
+    fd = openat(dirfd, name, (oflags & O_ACCMODE) | O_CLOEXEC);
+    if (fd < 0) {
+        r = neg_errno();
+        /* ENOENT for a device sysfs has: a node that never existed. */
+        if (r != -ENOENT || !private_nodes || !sysfs_has(index))
+            return fail(res, LD_STAGE_OPEN, r);
+    } else {
+        r = ld_check_node(fd, index, part_shift, res);
+        if (r == 0)
+            return fd;
+        close(fd);
+        if (r != -ENODEV || !private_nodes)
+            return fail(res, LD_STAGE_CHECK, r);
+    }
+    r = ld_open_private(dirfd, index, part_shift, oflags);
+    return r < 0 ? fail(res, LD_STAGE_NODE, r) : r;
+}
+
 static int open_device(const struct ld_attach_req *req, struct ld_attach_res *res,
                        struct attempt *a)
 {
-    char name[32];
-    int r;
-
-    name_n(name, "loop", a->index);
-    a->fd = openat(req->dev_dirfd, name, O_RDWR | O_CLOEXEC);
-    if (a->fd < 0) {
-        r = neg_errno();
-        /* Since 5.x (6.11: commit 18048c1af783) opening a device in autoclear
-         * rundown or being removed answers ENXIO, or ENOENT once its node is
-         * gone: another process released it right after GET_FREE named it.
-         * ENOENT for a device sysfs still has is a node that never existed. */
-        if (r == -ENXIO || (r == -ENOENT && !sysfs_has(a->index)))
-            return retry(res, LD_STAGE_OPEN, r);
-        if (r != -ENOENT || !req->private_nodes)
-            return fail(res, LD_STAGE_OPEN, r);
-    } else {
-        r = check_node(req, res, a->index, a->fd);
-        if (r == 0)
-            return 0;
-        close(a->fd);
-        a->fd = -1;
-        if (r != -ENODEV || !req->private_nodes)
-            return fail(res, LD_STAGE_CHECK, r);
+    int r = ld_open_device(req->dev_dirfd, a->index, req->part_shift, req->private_nodes,
+                           O_RDWR, res);
+    if (r >= 0) {
+        a->fd = r;
+        return 0;
     }
-    r = ld_open_private(req->dev_dirfd, a->index, req->part_shift);
-    /* Untested race: the device removed (LOOP_CTL_REMOVE) since GET_FREE. */
-    if (r == -ENXIO)
+    /* Since 5.x (6.11: commit 18048c1af783) opening a device in autoclear
+     * rundown or being removed answers ENXIO, or ENOENT once its node is
+     * gone: another process released it right after GET_FREE named it (for
+     * a private node, untested: removed by LOOP_CTL_REMOVE since then). */
+    if (r == -ENXIO || (r == -ENOENT && res->stage == LD_STAGE_OPEN && !sysfs_has(a->index)))
         return retry(res, LD_STAGE_OPEN, r);
-    if (r < 0)
-        return fail(res, LD_STAGE_NODE, r);
-    a->fd = r;
-    return 0;
+    return r;
 }
 
 /* The hook runs Python code of the caller's (it may allocate devices

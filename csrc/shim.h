@@ -85,8 +85,18 @@ void ld_force_fallback(int on);
 /* Process-wide set-up: the cached handle on sysfs's block directory. */
 void ld_init(void);
 /* loopN through a node of our own in a fresh directory below dirfd, unlinked
- * before returning the fd. */
-int ld_open_private(int dirfd, int index, int part_shift);
+ * before returning the fd; oflags: O_RDONLY or O_RDWR. */
+int ld_open_private(int dirfd, int index, int part_shift, int oflags);
+/* 0 when fd is block device loopN (7:(N << part_shift)); else -ENODEV with
+ * what it is in res->rdev and res->mode (or fstat's -errno). */
+int ld_check_node(int fd, int index, int part_shift, struct ld_attach_res *res);
+/* loopN below dirfd opened (oflags: O_RDONLY or O_RDWR) and checked to be block
+ * device 7:(N << part_shift); with private_nodes a missing or wrong node is
+ * passed by through ld_open_private. The fd, or -errno with res->stage
+ * (LD_STAGE_OPEN, _CHECK or _NODE) and, for a wrong node, its rdev and mode.
+ * The attach loop opens each device so. */
+int ld_open_device(int dirfd, int index, int part_shift, int private_nodes, int oflags,
+                   struct ld_attach_res *res);
 int ld_bind_mount(const char *source, const char *target);
 int ld_unmount(const char *target);
 

@@ -4,8 +4,10 @@ found with the coverage pass (.ci/coverage, issue 19):
 - ``lock=True`` passes over a free device another process holds locked;
 - a wrong ``loopN`` node in a caller's directory is ``UnexpectedDevice``;
 - loop-control that may not be opened is ``ControlDenied``, naming the broker;
-- in a container, a device is opened by name where its node is missing or
-  wrong (through a private node); a read-only /dev gets no nodes;
+- in a container, a device is opened by name, and found by its file, where
+  its node is missing or wrong (through a private node); a read-only /dev
+  gets no nodes, and a device is opened through a node in a scratch
+  directory there;
 - a table refused after the bind undoes the attach: compat ``loop_for_fd``
   with ``setup`` (the hooks) and compat ``configure``;
 - without CAP_MKNOD: ``attach(node_dir=)`` fails with ``DeviceNodeError`` and
@@ -123,6 +125,7 @@ def body_open_by_name_and_read_only_dev(image: str) -> list[str]:
         opened.append(os.fstat(other.fd).st_rdev == want)
         other.close()
         os.unlink(path)
+        assert [d.name for d in loopdev.find(image)] == [dev.name]  # read-only, private
         assert opened == [True, True]
         # A read-only /dev: no node, a warning, no error.
         records: list[logging.LogRecord] = []
@@ -134,9 +137,15 @@ def body_open_by_name_and_read_only_dev(image: str) -> list[str]:
         try:
             nsrun._mount("none", "/dev", "", MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID, "")
             _engine.publish_nodes(dev.index, _native.Config(flags=_engine.flags(0, 1, 0)))
+            # Opened by number all the same: a private node in a scratch directory.
+            other = loopdev.open(dev.index)
+            opened.append(os.fstat(other.fd).st_rdev == want)
+            other.close()
+            assert [d.name for d in loopdev.find(image)] == [dev.name]
         finally:
             _native.unmount("/dev")
         assert not os.path.lexists(path)
+        assert opened == [True, True, True]
         return [r.getMessage() for r in records]
     finally:
         dev.detach()

@@ -142,40 +142,60 @@ def scratch_dir(prefer: str | os.PathLike[str] | None = None) -> str:
     )
 
 
-def open_device(index: int, dir_fd: int | None = None, *, private_nodes: bool = False) -> int:
-    """Open ``loop{index}`` read-write below ``dir_fd`` (default /dev) and check it.
+_DIR_FLAGS = _native.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
 
-    ``UnexpectedDevice`` when the node is not that loop device (its numbers
-    come from the loop module's own scheme, see :func:`sysfs.loop_devt`);
-    errors of the open itself propagate unchanged. With ``private_nodes`` a
-    missing or wrong node in /dev is passed by through a private node.
+
+def open_device(
+    index: int, dir_fd: int | None = None, *, private_nodes: bool = False, read_only: bool = False
+) -> int:
+    """Open ``loop{index}`` below ``dir_fd`` (default /dev), read-write unless
+    ``read_only``, and check it: ``_native.open_device``, the attach loop's own check.
+
+    ``UnexpectedDevice`` when the node is not that loop device; errors of the
+    open itself are ``os.open``'s. With ``private_nodes`` a missing or wrong
+    node in /dev is passed by through a private node (in a scratch directory
+    where /dev is read-only).
     """
     path = f"loop{index}" if dir_fd is not None else device_path(index)
+    where = dir_fd if dir_fd is not None else os.open(DEV, _DIR_FLAGS)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC, dir_fd=dir_fd)
-    except FileNotFoundError:
-        if not private_nodes or sysfs.devt(f"loop{index}") is None:
+        return _native.open_device(
+            where,
+            index,
+            sysfs.minor_shift(),
+            private_nodes=private_nodes,
+            read_only=read_only,
+            device=path,
+        )
+    except errors.DeviceNodeError as exc:
+        if exc.stage != "node" or exc.errno != errno.EROFS:
             raise
-        return _open_private(index)
-    wrong = _wrong_node(fd, index)
-    if wrong is None:
-        return fd
-    if private_nodes:
-        return _open_private(index)
-    raise errors.UnexpectedDevice(index, wrong.st_rdev, wrong.st_mode)
-
-
-def _wrong_node(fd: int, index: int) -> os.stat_result | None:
-    """None when ``fd`` is ``loop{index}``'s block device; else its stat, ``fd`` closed."""
+    finally:
+        if dir_fd is None:
+            os.close(where)
+    # The C helper makes its own root-only directory below this one.
+    scratch = os.open(scratch_dir(), _DIR_FLAGS)
     try:
-        st = os.fstat(fd)
-    except BaseException:  # untested: fstat of an open fd does not fail
+        return _native.open_private(scratch, index, sysfs.minor_shift(), read_only=read_only)
+    finally:
+        os.close(scratch)
+
+
+def open_node(path: str, index: int) -> int:
+    """``path`` (a node outside /dev) opened read-write and checked to be ``loop{index}``."""
+    try:
+        first = os.stat(path)
+        if not stat.S_ISBLK(first.st_mode):  # a FIFO would block the open
+            raise errors.UnexpectedDevice(index, first.st_rdev, first.st_mode)
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise errors.DeviceNodeError(errno.ENOENT, "no such device node", device=path) from None
+    try:
+        _native.check_node(fd, index, sysfs.minor_shift())
+    except BaseException:
         os.close(fd)
         raise
-    if stat.S_ISBLK(st.st_mode) and st.st_rdev == os.makedev(*sysfs.loop_devt(index)):
-        return None
-    os.close(fd)
-    return st
+    return fd
 
 
 def backing_id(index: int) -> tuple[int, int] | None:
@@ -185,7 +205,7 @@ def backing_id(index: int) -> tuple[int, int] | None:
     The one exact way to tell which file backs a device: names are for display
     (sysfs appends " (deleted)" to an unlinked file's, and a name may end in
     newlines). A brief read-only open; a missing or wrong node in /dev is
-    passed by through a private node (read-write: the C helper opens so).
+    passed by through a private node.
     Where the device cannot be opened at all (no permission, no CAP_MKNOD),
     the file sysfs names is all there is: it is stat()ed instead.
     """
@@ -193,10 +213,10 @@ def backing_id(index: int) -> tuple[int, int] | None:
     if sysfs.backing_file(name) is None:
         return None  # unbound: not worth an open (and attachers race for those)
     try:
-        fd = _open_for_status(index)
+        fd = open_device(index, private_nodes=True, read_only=True)
     except OSError as exc:
-        if exc.errno in (errno.ENXIO, errno.ENODEV):
-            return None  # in rundown, or removed meanwhile
+        if exc.errno in (errno.ENOENT, errno.ENXIO, errno.ENODEV):
+            return None  # removed meanwhile (sysfs has no loopN either), or in rundown
         return _id_by_name(name)
     try:
         info = _native.get_status(fd, device=device_path(index))
@@ -209,16 +229,6 @@ def backing_id(index: int) -> tuple[int, int] | None:
     return info.lo_device, info.lo_inode
 
 
-def _open_for_status(index: int) -> int:
-    try:
-        fd = os.open(device_path(index), os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        if sysfs.devt(f"loop{index}") is None:
-            raise OSError(errno.ENODEV, "removed") from None
-        return _open_private(index)
-    return fd if _wrong_node(fd, index) is None else _open_private(index)
-
-
 def _id_by_name(name: str) -> tuple[int, int] | None:
     path = sysfs.backing_file(name)
     try:
@@ -226,26 +236,6 @@ def _id_by_name(name: str) -> tuple[int, int] | None:
     except OSError:
         return None  # unlinked (" (deleted)") or unreachable from here
     return None if st is None else (st.st_dev, st.st_ino)
-
-
-def _open_private(index: int) -> int:
-    """``loop{index}`` through a private node in /dev, or in a scratch directory where
-    /dev is read-only."""
-    dev_dir = os.open(DEV, _native.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        return _native.open_private(dev_dir, index, sysfs.minor_shift())
-    except errors.DeviceNodeError as exc:
-        if exc.errno != errno.EROFS:
-            raise
-    finally:
-        os.close(dev_dir)
-    scratch = scratch_dir()
-    dev_dir = os.open(scratch, _native.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        # The C helper makes its own root-only directory below this one.
-        return _native.open_private(dev_dir, index, sysfs.minor_shift())
-    finally:
-        os.close(dev_dir)
 
 
 def attach(

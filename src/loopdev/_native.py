@@ -251,12 +251,51 @@ def clear_fd_quietly(dev_fd: int) -> None:
     lib.ld_ioctl(dev_fd, LOOP_CLR_FD, 0)
 
 
-def open_private(dir_fd: int, index: int, part_shift: int) -> int:
+def open_private(dir_fd: int, index: int, part_shift: int, *, read_only: bool = False) -> int:
     """``loop{index}`` through a node of our own below ``dir_fd``, unlinked at once."""
-    ret = lib.ld_open_private(dir_fd, index, part_shift)
+    flags = os.O_RDONLY if read_only else os.O_RDWR
+    ret = lib.ld_open_private(dir_fd, index, part_shift, flags)
     if ret < 0:
         raise errors.stage_failed(-ret, "node", device=f"/dev/loop{index}")
     return int(ret)
+
+
+def check_node(fd: int, index: int, part_shift: int) -> None:
+    """``UnexpectedDevice`` unless ``fd`` is block device ``loop{index}``
+    (``ld_check_node``, the check of :func:`open_device`)."""
+    res = ffi.new(_ATTACH_RES)
+    err = lib.ld_check_node(fd, index, part_shift, res)
+    if err < 0:
+        res.index = index
+        res.stage = lib.LD_STAGE_CHECK
+        raise _attach_error(res, err, None)
+
+
+def open_device(
+    dir_fd: int,
+    index: int,
+    part_shift: int,
+    *,
+    private_nodes: bool = False,
+    read_only: bool = False,
+    device: str,
+) -> int:
+    """``loop{index}`` below ``dir_fd`` opened and checked to be that block device
+    (``ld_open_device``, the attach loop's own check); read-write unless ``read_only``.
+
+    ``UnexpectedDevice`` for another node; with ``private_nodes`` a missing or
+    wrong node is passed by through a private one. A failed open itself raises
+    the ``OSError`` ``os.open`` would (``FileNotFoundError``, ...) for ``device``.
+    """
+    res = ffi.new(_ATTACH_RES)
+    flags = os.O_RDONLY if read_only else os.O_RDWR
+    fd = lib.ld_open_device(dir_fd, index, part_shift, private_nodes, flags, res)
+    if fd >= 0:
+        return int(fd)
+    if res.stage == lib.LD_STAGE_OPEN:
+        raise OSError(-fd, os.strerror(-fd), device)
+    res.index = index
+    raise _attach_error(res, fd, None)
 
 
 def bind_mount(source: str, target: str) -> None:

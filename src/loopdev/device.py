@@ -15,7 +15,6 @@ from loopdev.errors import (
     DeviceBusy,
     DeviceNodeError,
     LoopError,
-    UnexpectedDevice,
     WriteBackError,
 )
 
@@ -618,7 +617,7 @@ def open_device(name_or_minor: str | int, *, owned: bool = False) -> LoopDevice:
         index = int(base[4:])
         where = os.path.dirname(name_or_minor)
         if where and os.path.realpath(where) != _engine.DEV:
-            dev = LoopDevice(index, _open_node(name_or_minor, index), owned=owned)
+            dev = LoopDevice(index, _engine.open_node(name_or_minor, index), owned=owned)
             dev.path = name_or_minor
             return dev
     try:
@@ -628,23 +627,3 @@ def open_device(name_or_minor: str | int, *, owned: bool = False) -> LoopDevice:
             errno.ENOENT, "no such loop device", device=_engine.device_path(index)
         ) from None
     return LoopDevice(index, fd, owned=owned)
-
-
-def _open_node(path: str, index: int) -> int:
-    """``path`` opened read-write, checked to be ``loop{index}``."""
-    try:
-        first = os.stat(path)
-        if not stat.S_ISBLK(first.st_mode):  # a FIFO would block the open
-            raise UnexpectedDevice(index, first.st_rdev, first.st_mode)
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise DeviceNodeError(errno.ENOENT, "no such device node", device=path) from None
-    try:
-        st = os.fstat(fd)
-    except BaseException:
-        os.close(fd)
-        raise
-    if stat.S_ISBLK(st.st_mode) and st.st_rdev == os.makedev(*sysfs.loop_devt(index)):
-        return fd
-    os.close(fd)
-    raise UnexpectedDevice(index, st.st_rdev, st.st_mode)
