@@ -1057,25 +1057,20 @@ static __thread struct ld_attach_res last_res;
 static __thread long last_token;
 static __thread int last_claimed;
 
-/* ld_attach without hooks, with a fresh request: (index << 32) | fd, or
- * -errno (details in ld_last_res). token: the caller's number for this
- * call, for ld_claim. */
-int64_t ld_attach_plain(int ctl_fd, int dev_dirfd, int private_nodes, int part_shift,
-                        int backing_fd, uint32_t flags, uint64_t offset, uint64_t sizelimit,
-                        uint32_t block_size, int lock, long token)
+/* ld_attach without hooks: (index << 32) | fd, or -errno (details in
+ * ld_last_res). base: the caller's request with what stays the same from one
+ * call to the next (loop-control, the node directory, private_nodes,
+ * part_shift), filled once; the call's own fields are set on a copy. token:
+ * the caller's number for this call, for ld_claim. */
+int64_t ld_attach_plain(const struct ld_attach_req *base, int backing_fd, uint32_t flags,
+                        uint64_t offset, uint64_t sizelimit, uint32_t block_size, int lock,
+                        long token)
 {
-    struct ld_attach_req req;
+    struct ld_attach_req req = *base;
     int r;
 
-    memset(&req, 0, sizeof(req));
-    req.ctl_fd = ctl_fd;
-    req.dev_dirfd = dev_dirfd;
-    req.private_nodes = private_nodes;
-    req.part_shift = part_shift;
     req.backing_fd = backing_fd;
     req.lock = lock;
-    req.max_attempts = 64;
-    req.timeout_ms = 30000;
     req.config.offset = offset;
     req.config.sizelimit = sizelimit;
     req.config.block_size = block_size;
@@ -1110,10 +1105,12 @@ int ld_last_stage(void)
 }
 
 /* Partitions, then LOOP_CLR_FD (see ld_del_partitions): -errno, with the
- * step in ld_last_res's stage (LD_STAGE_PARTITIONS, else LD_STAGE_NONE). */
+ * step in ld_last_res's stage (LD_STAGE_PARTITIONS, else LD_STAGE_NONE).
+ * bound: nonzero when the caller knows the device is bound, 0 unknown (a
+ * Python bool, as it is). */
 int ld_release(int dev_fd, int index, int bound)
 {
-    int r = ld_del_partitions(dev_fd, index, bound);
+    int r = ld_del_partitions(dev_fd, index, bound ? 1 : -1);
     last_res.stage = LD_STAGE_PARTITIONS;
     if (r < 0)
         return r;

@@ -69,9 +69,9 @@ int ld_get_int(int fd, unsigned long request, int *out);
 int ld_bind(int dev_fd, int index, int backing_fd, const struct ld_config *config, int *stage);
 int ld_attach(const struct ld_attach_req *req, struct ld_attach_res *res);
 /* The compat cycle's fast paths: scalars in, a scalar out (see loopdev.c). */
-int64_t ld_attach_plain(int ctl_fd, int dev_dirfd, int private_nodes, int part_shift,
-                        int backing_fd, uint32_t flags, uint64_t offset, uint64_t sizelimit,
-                        uint32_t block_size, int lock, long token);
+int64_t ld_attach_plain(const struct ld_attach_req *base, int backing_fd, uint32_t flags,
+                        uint64_t offset, uint64_t sizelimit, uint32_t block_size, int lock,
+                        long token);
 void ld_last_res(struct ld_attach_res *out);
 int ld_claim(long token);
 int ld_last_stage(void);

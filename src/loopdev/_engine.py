@@ -43,7 +43,7 @@ class Control:
     directory is used as it is (a wrong node there is ``UnexpectedDevice``).
     """
 
-    __slots__ = ("_scratch", "dev_dir", "fd", "part_shift", "private_nodes")
+    __slots__ = ("_scratch", "dev_dir", "fd", "part_shift", "plain", "private_nodes")
 
     def __init__(self, dir_fd: int | None = None) -> None:
         self.fd = -1
@@ -79,6 +79,7 @@ class Control:
         global _devtmpfs
         _devtmpfs = nodes.dev_is_devtmpfs()  # asked once per process
         self.fd = fd
+        self.plain = _native.plain_request(fd, self.dev_dir, self.private_nodes, self.part_shift)
 
     def close(self) -> None:
         """Idempotent; closes the directory only if we opened it."""
@@ -102,6 +103,7 @@ class Control:
             raise
         os.close(self.dev_dir)
         self.dev_dir, self._scratch = new, where
+        self.plain = _native.plain_request(self.fd, new, self.private_nodes, self.part_shift)
 
 
 def _private_dir(parent: str) -> str:
@@ -330,17 +332,7 @@ def attach_plain(
         token = _token
         try:
             got = _native.attach_plain_raw(
-                control.fd,
-                control.dev_dir,
-                control.private_nodes,
-                control.part_shift,
-                backing_fd,
-                flags,
-                offset,
-                sizelimit,
-                block_size,
-                lock,
-                token,
+                control.plain, backing_fd, flags, offset, sizelimit, block_size, lock, token
             )
         except OverflowError:  # raised before the call: nothing was done
             config = _native.Config(offset, sizelimit, block_size, flags)
@@ -536,11 +528,14 @@ def release(
     ``bound``: the caller attached the device and has not released it.
     """
     if before_clear is None and not lazy and _devtmpfs:
-        # One C call: no nodes to remove between the two steps.
-        err = _native.release_raw(dev_fd, index, 1 if bound else -1)
-        if err < 0:
-            raise _native.release_failed(err, index)
-        return
+        release_plain(dev_fd, index, bound)
+    else:
+        _release_steps(dev_fd, index, before_clear, bound, lazy)
+
+
+def _release_steps(
+    dev_fd: int, index: int, before_clear: Callable[[], None] | None, bound: bool, lazy: bool
+) -> None:
     try:
         _native.delete_partitions(dev_fd, index, bound=bound)
     except errors.DeviceBusy:
@@ -551,6 +546,17 @@ def release(
         before_clear()
     unpublish_nodes(index)
     _native.ioctl(dev_fd, _native.LOOP_CLR_FD, device=device_path(index))
+
+
+def release_plain(dev_fd: int, index: int, bound: bool) -> None:
+    """:func:`release` with nothing between the two steps, for the compat face: one
+    C call where /dev is a devtmpfs (no nodes of ours to remove)."""
+    if not _devtmpfs:
+        _release_steps(dev_fd, index, None, bound, False)
+        return
+    err = _native.release_raw(dev_fd, index, bound)
+    if err < 0:
+        raise _native.release_failed(err, index)
 
 
 def set_status(dev_fd: int, index: int, info: _native.LoopInfo, old_span: tuple[int, int]) -> None:
