@@ -179,8 +179,10 @@ def test_partscan_split_when_locked(tmp_path: Path, gpt: Path, devices: None) ->
 # loopdev adds four, each for a guarantee: the node check (fstat: the node is
 # block device loopN, never BLKPG on another disk), the stale-partition check
 # before binding (one stat of the sysfs directory), the backing path for
-# lo_file_name (readlink; test_compat_records_backing_path), and the partition
-# check at release (one stat). Gone: the loop-control flock pair
+# lo_file_name (an fstat of the backing fd: the readlink of /proc/self/fd/N,
+# ~5 us, only when the file is not the one named last on this thread;
+# test_backing_path_follows_the_file), and the partition check at release
+# (one stat). Gone: the loop-control flock pair
 # (test_no_lock_on_loop_control), LOOP_GET_STATUS64 before configure (the
 # configure answers EBUSY itself), at release of a device we attached (see
 # ld_del_partitions), and the read-back after a LOOP_CONFIGURE whose request

@@ -95,6 +95,43 @@ def test_configure_partscan_flag(ctl: LoopControl, image_fd: int, configure_path
         lo.close()
 
 
+def test_backing_path_follows_the_file(
+    ctl: LoopControl, tmp_path: Path, configure_path: str
+) -> None:
+    """lo_file_name is the backing fd's path, kept per thread for the same file (fd,
+    device, inode, ctime: one fstat instead of a readlink a cycle, issue 17): read
+    again after a rename or unlink of the file, and for another file under the same
+    fd number."""
+    cut = loopdev._native.LO_NAME_SIZE - 1
+
+    def recorded(fd: int) -> str:
+        lo = ctl.loop_for_fd(fd, autoclear=True)
+        try:
+            return lo.get_status().file_name
+        finally:
+            lo.close()
+
+    a, b, c = (tmp_path / n for n in ("a.img", "b.img", "c.img"))
+    for path in (a, c):
+        path.write_bytes(bytes(1 << 20))
+    fd = os.open(a, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        assert recorded(fd) == str(a)[:cut]
+        assert recorded(fd) == str(a)[:cut]
+        a.rename(b)
+        assert recorded(fd) == str(b)[:cut]
+        b.unlink()
+        assert recorded(fd) == f"{b} (deleted)"[:cut]
+    finally:
+        os.close(fd)
+    again = os.open(c, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        assert again == fd  # the lowest free number: the one just closed
+        assert recorded(again) == str(c)[:cut]
+    finally:
+        os.close(again)
+
+
 def test_bad_block_size_leaves_nothing_bound(
     ctl: LoopControl, image: Path, image_fd: int, configure_path: str
 ) -> None:
