@@ -7,12 +7,12 @@ loop devices too. ``losetup`` is the reference for what the output must say.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -130,7 +130,7 @@ def test_table_escapes_like_losetup() -> None:
 
 @pytest.mark.parametrize("text", ["", "x", "1Q", "1.5M", "K", "--1", "1 2"])
 def test_parse_size_rejects(text: str) -> None:
-    with pytest.raises(argparse.ArgumentTypeError):
+    with pytest.raises(ValueError, match="invalid size"):
         cli.parse_size(text)
 
 
@@ -158,21 +158,19 @@ def test_usage_errors_exit_2(argv: list[str]) -> None:
 
 def test_detach_all_parses() -> None:
     # Parsing only: detach --all on this machine would take other processes' devices.
-    parser = cli.build_parser()
     for flag in ("--all", "-a"):
-        args = parser.parse_args(["detach", flag])
+        args = cli.parse(["detach", flag])
         assert args.all is True and args.targets == [] and args.func is cli.cmd_detach
 
 
 def test_debug_before_or_after_command() -> None:
-    parser = cli.build_parser()
-    assert parser.parse_args(["--debug", "list"]).debug is True
-    assert parser.parse_args(["list", "--debug"]).debug is True
-    assert parser.parse_args(["list"]).debug is False
+    assert cli.parse(["--debug", "list"]).debug is True
+    assert cli.parse(["list", "--debug"]).debug is True
+    assert cli.parse(["list"]).debug is False
 
 
 def test_attach_options_parse() -> None:
-    args = cli.build_parser().parse_args(
+    args = cli.parse(
         [
             "attach",
             "-o",
@@ -191,7 +189,102 @@ def test_attach_options_parse() -> None:
     assert (args.offset, args.sizelimit, args.sector_size) == (1 << 20, 2 << 20, 4096)
     assert args.read_only and args.partscan and args.show and args.nooverlap
     assert args.direct_io == "on"  # alone means on, as in losetup
-    assert cli.build_parser().parse_args(["attach", "f.img"]).direct_io == "off"
+    assert cli.parse(["attach", "f.img"]).direct_io == "off"
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        # getopt_long's ways: a unique start of a long name, clusters, attached values.
+        (["attach", "--sizel=1K", "--read", "f.img"], {"sizelimit": 1024, "read_only": True}),
+        (["attach", "-rPo4096", "f.img"], {"read_only": True, "partscan": True, "offset": 4096}),
+        (["attach", "-o", "-1", "f.img"], {"offset": -1}),  # the library refuses it
+        (["attach", "f.img", "--show"], {"show": True, "file": "f.img"}),
+        (["attach", "--", "-x.img"], {"file": "-x.img"}),
+        # An optional value only after "=": the next word is an argument.
+        (["attach", "--direct-io", "f.img"], {"direct_io": "on", "file": "f.img"}),
+        (["attach", "--direct-io=auto", "f.img"], {"direct_io": "auto"}),
+        (["detach", "--wait", "/dev/loop3"], {"wait": 10.0, "targets": ["/dev/loop3"]}),
+        (["detach", "--wait=2.5", "a", "b"], {"wait": 2.5, "targets": ["a", "b"]}),
+        (["detach", "x"], {"wait": 0.0, "all": False}),
+        (["list"], {"json": False, "only": None, "broker": None}),
+        (["list", "-J", "loop3"], {"json": True, "only": "loop3"}),
+        (["find", "-o", "1M", "f.img"], {"at_offset": 1 << 20, "file": "f.img"}),
+        (["find", "f.img"], {"at_offset": None}),
+        # run: options before FILE or after it, COMMAND's own after "--" or after FILE.
+        (["run", "f.img", "-r", "--", "sh", "-r"], {"read_only": True, "cmd": ["sh", "-r"]}),
+        (["run", "-P", "f.img", "sh", "-c", "--", "x"], {"cmd": ["sh", "-c", "--", "x"]}),
+        (["run", "--", "f.img", "true"], {"file": "f.img", "cmd": ["true"]}),
+        (
+            ["serve", "--allow-user", "0", "--allow-user=root", "--max-devices", "9"],
+            {"allow_user": [0, 0], "allow_group": [], "max_devices": 9, "timeout": 10.0},
+        ),
+        (["losetup", "--debug", "-a"], {"words": ["--debug", "-a"]}),
+    ],
+)
+def test_parse(argv: list[str], expected: dict[str, object]) -> None:
+    args = cli.parse(argv)
+    assert args.command == argv[0]
+    assert {key: getattr(args, key) for key in expected} == expected
+
+
+@pytest.mark.parametrize(
+    ("argv", "command", "message"),
+    [
+        (["attach", "--bogus", "x.img"], "attach", "unrecognized arguments: --bogus"),
+        (["attach", "x.img", "y.img"], "attach", "unrecognized arguments: y.img"),
+        (["attach", "--s", "x.img"], "attach", "ambiguous option: --s could match"),
+        (["attach", "x.img", "-o"], "attach", "argument -o/--offset: expected one argument"),
+        (["attach", "--show=yes", "x.img"], "attach", "ignored explicit argument 'yes'"),
+        (["attach"], "attach", "the following arguments are required: FILE"),
+        (["run", "x.img"], "run", "run needs a command"),
+        (["detach", "--wait=soon", "x"], "detach", "argument --wait: invalid value: 'soon'"),
+        (["--bogus", "list"], None, "unrecognized arguments: --bogus"),
+        (["frobnicate"], None, "invalid choice: 'frobnicate'"),
+        ([], None, "the following arguments are required: COMMAND"),
+    ],
+)
+def test_usage_error_names_the_command(argv: list[str], command: str | None, message: str) -> None:
+    with pytest.raises(cli.UsageError, match=re.escape(message)) as caught:
+        cli.parse(argv)
+    assert (caught.value.command and caught.value.command.name) == command
+
+
+@pytest.mark.parametrize("command", [None, *(c for c in cli.COMMANDS if c.func is not None)])
+def test_help_lists_every_option(
+    command: cli.Command | None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--help"] if command is None else [command.name, "-h"]
+    assert cli.main(argv) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and out.startswith(f"usage: {cli.PROG}")
+    table = cli.TOP if command is None else command.args
+    for arg in table:
+        assert cli.spelled(arg) in out
+    assert all(len(line) <= 80 for line in out.splitlines() if " " in line.strip())
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from loopdev import __version__
+
+    assert cli.main(["--version", "list"]) == 0
+    assert capsys.readouterr().out == f"loopdev {__version__}\n"
+
+
+def test_list_runs_without_heavy_imports() -> None:
+    """The command's way in (``_loopdev_main``) through ``list``: no argparse, nor the
+    re, enum, json or gettext it would bring (6 ms of every start together)."""
+    program = (
+        "import sys\n"
+        "sys.argv = ['loopdev', 'list']\n"
+        "import _loopdev_main\n"
+        "status = _loopdev_main.main()\n"
+        "heavy = ('argparse', 're', 'enum', 'json', 'gettext', 'getopt', 'typing')\n"
+        "print(status, sorted(m for m in heavy if m in sys.modules), file=sys.stderr)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines()[-1] == "0 []"
 
 
 # --- attach ------------------------------------------------------------------------

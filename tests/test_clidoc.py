@@ -1,4 +1,4 @@
-"""The man page, the CLI reference and the completions are generated from the parser
+"""The man page, the CLI reference and the completions are generated from the command table
 (``python -m loopdev._clidoc --write``) and checked in: they must be current, and
 work with their tools (man, bash, zsh)."""
 
@@ -29,18 +29,17 @@ def test_generated_files_are_current(path: str) -> None:
 
 
 def test_every_command_and_option_documented() -> None:
-    from loopdev.cli import build_parser
+    from loopdev import losetup
 
     page = MAN.read_text().replace("\\-", "-")
     _, commands = _clidoc.commands()
     names = [c.name for c in commands]
     for cmd in commands:
         assert f".SS {cmd.name}" in page
-        for option in cmd.options:
+        for option in losetup.OPTIONS if cmd.name == "losetup" else cmd.args:
             for name in option.names:
                 assert name in page, (cmd.name, name)
     assert {"attach", "detach", "list", "find", "resize", "serve", "losetup"} <= set(names)
-    assert build_parser().prog == "loopdev"
     assert f'"loopdev {__version__}"' in page
 
 

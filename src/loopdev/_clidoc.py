@@ -1,23 +1,22 @@
-"""The CLI's documents, generated from its argparse parser: ``loopdev(8)``, the
+"""The CLI's documents, generated from its command table: ``loopdev(8)``, the
 Sphinx CLI reference, and bash and zsh completion.
 
-One source (``loopdev.cli.build_parser()`` and the losetup drop-in's option
-table) for all four, checked in under ``data/`` and ``docs/`` so that neither
-an install nor the documentation build needs to run this. After changing the
-CLI: ``python -m loopdev._clidoc --write`` in the checkout (``--check``: are
-they current?).
+One source (``loopdev.cli.COMMANDS`` and the losetup drop-in's ``OPTIONS``,
+which the parsers and ``--help`` read too) for all four, checked in under
+``data/`` and ``docs/`` so that neither an install nor the documentation build
+needs to run this. After changing the CLI: ``python -m loopdev._clidoc
+--write`` in the checkout (``--check``: are they current?).
 """
 
 from __future__ import annotations
 
-import argparse
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from loopdev import __version__, losetup
-from loopdev.cli import PROG, build_parser
+from loopdev.cli import COMMANDS, PROG, TOP, Arg, Command, spelled, usage
 
 OUTPUTS = {
     "data/loopdev.8": "man",
@@ -96,103 +95,13 @@ _loopdev() {
 """[1:-1]
 
 
-class Option:
-    """One option or positional argument of a command."""
-
-    def __init__(self, names: list[str], metavar: str | None, help: str, optional_value: bool):
-        self.names = names
-        self.metavar = metavar
-        self.help = help
-        self.optional_value = optional_value
-
-    @property
-    def spelled(self) -> str:
-        """``-o, --offset N`` (``--direct-io[=on|off|auto]`` for an optional value)."""
-        text = ", ".join(self.names)
-        if self.metavar and self.names:
-            text += f"[={self.metavar}]" if self.optional_value else f" {self.metavar}"
-        return text or (self.metavar or "")
+def commands() -> tuple[tuple[Arg, ...], tuple[Command, ...]]:
+    """The program's own options and each command, in the table's order."""
+    return TOP, COMMANDS
 
 
-class Command:
-    def __init__(self, name: str, help: str, usage: str, options: list[Option]) -> None:
-        self.name = name
-        self.help = help
-        self.usage = usage
-        self.options = options
-
-
-def _metavar(action: argparse.Action) -> str | None:
-    if action.nargs == 0:
-        return None
-    if isinstance(action.metavar, str):
-        return action.metavar
-    return action.dest.upper()
-
-
-def _usage_part(action: argparse.Action) -> str:
-    meta = _metavar(action) or ""
-    if not action.option_strings:
-        if action.nargs == "*":
-            return f"[{meta}...]"
-        if action.nargs == "?":
-            return f"[{meta}]"
-        if action.nargs == argparse.REMAINDER:
-            return f"{meta}..."
-        return meta
-    name = action.option_strings[0]
-    if not meta:
-        return f"[{name}]"
-    if action.nargs == "?":
-        return f"[{name}[={meta}]]"
-    return f"[{name} {meta}]"
-
-
-def _options(parser: argparse.ArgumentParser) -> list[Option]:
-    found = []
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction) or action.help == argparse.SUPPRESS:
-            continue
-        found.append(
-            Option(
-                list(action.option_strings),
-                _metavar(action),
-                action.help or "",
-                action.nargs == "?" and bool(action.option_strings),
-            )
-        )
-    return found
-
-
-def commands() -> tuple[list[Option], list[Command]]:
-    """The top-level options and each command, in the parser's order."""
-    parser = build_parser()
-    sub: argparse._SubParsersAction[argparse.ArgumentParser] = next(
-        a for a in parser._actions if isinstance(a, argparse._SubParsersAction)
-    )
-    helps = {c.dest: c.help or "" for c in sub._choices_actions}
-    found = []
-    for name, p in sub.choices.items():
-        parts = [_usage_part(a) for a in p._actions if a.help != argparse.SUPPRESS]
-        found.append(Command(name, helps[name], " ".join([PROG, name, *parts]), _options(p)))
-    return _options(parser), found
-
-
-def _losetup_options() -> list[Option]:
-    """The drop-in's options, from the table its ``--help`` prints."""
-    found = []
-    for spelled, text in losetup._OPTIONS_HELP:
-        m = re.fullmatch(r"\s*((?:--?[\w-]+(?:, )?)+)(.*)", spelled)
-        if m is None:
-            continue
-        spelled_names: str = m.group(1)
-        rest: str = m.group(2)
-        names = [n.strip() for n in spelled_names.split(",")]
-        rest = rest.strip()
-        optional = rest.startswith("[=")
-        metavar = rest[2:-1] if optional else rest or None
-        found.append(Option(names, metavar, text, optional))
-    return found
+def _options(cmd: Command) -> Sequence[Arg]:
+    return losetup.OPTIONS if cmd.name == "losetup" else cmd.args
 
 
 # --- man page (roff) -------------------------------------------------------------------
@@ -203,7 +112,7 @@ def _roff(text: str) -> str:
     return "\n".join(("\\&" + line if line[:1] in ".'" else line) for line in text.splitlines())
 
 
-def _man_option(option: Option) -> Iterator[str]:
+def _man_option(option: Arg) -> Iterator[str]:
     if not option.names and not option.help:
         return  # a positional the usage line already names
     yield ".TP"
@@ -211,10 +120,10 @@ def _man_option(option: Option) -> Iterator[str]:
         names = ", ".join(f"\\fB{_roff(n)}\\fR" for n in option.names)
         if option.metavar:
             meta = f"\\fI{_roff(option.metavar)}\\fR"
-            names += f"[={meta}]" if option.optional_value else f" {meta}"
+            names += f"[={meta}]" if option.nargs == "?" else f" {meta}"
         yield names
     else:
-        yield f"\\fI{_roff(option.metavar or '')}\\fR"
+        yield f"\\fI{_roff(option.metavar)}\\fR"
     yield _roff(option.help)
 
 
@@ -228,20 +137,17 @@ def man() -> str:
         ".SH SYNOPSIS",
     ]
     for cmd in cmds:
-        lines += [".HP", _roff(cmd.usage)]
+        lines += [".HP", _roff(usage(cmd))]
     lines += [".HP", f"{PROG} \\-\\-version", ".HP", "losetup ARGS...", ".SH DESCRIPTION"]
     lines += [_roff(_DESCRIPTION), ".SH OPTIONS"]
     for option in top:
         lines += _man_option(option)
     lines.append(".SH COMMANDS")
     for cmd in cmds:
-        lines += [".SS " + _roff(cmd.name), _roff(cmd.help + "."), ".PP", _roff(cmd.usage)]
+        lines += [".SS " + _roff(cmd.name), _roff(cmd.help + "."), ".PP", _roff(usage(cmd))]
         if cmd.name == "losetup":
             lines += [".PP", _roff(_LOSETUP)]
-            for option in _losetup_options():
-                lines += _man_option(option)
-            continue
-        for option in cmd.options:
+        for option in _options(cmd):
             lines += _man_option(option)
     lines.append(".SH EXIT STATUS")
     for code, text in _EXIT:
@@ -259,10 +165,10 @@ def _rst_text(text: str) -> str:
     return re.sub(r"([*`|_\\])", r"\\\1", text)
 
 
-def _rst_option(option: Option) -> list[str]:
+def _rst_option(option: Arg) -> list[str]:
     if not option.names and not option.help:
         return []  # a positional the usage line already names
-    return [f"``{option.spelled}``", f"   {_rst_text(option.help)}", ""]
+    return [f"``{spelled(option)}``", f"   {_rst_text(option.help)}", ""]
 
 
 def rst() -> str:
@@ -286,13 +192,10 @@ def rst() -> str:
     for cmd in cmds:
         title = f"loopdev {cmd.name}"
         lines += [title, "-" * len(title), "", _rst_text(cmd.help) + ".", ""]
-        lines += ["::", "", f"   {cmd.usage}", ""]
+        lines += ["::", "", f"   {usage(cmd)}", ""]
         if cmd.name == "losetup":
             lines += [_rst_text(_LOSETUP), ""]
-            for option in _losetup_options():
-                lines += [f"``{option.spelled}``", f"   {_rst_text(option.help)}", ""]
-            continue
-        for option in cmd.options:
+        for option in _options(cmd):
             lines += _rst_option(option)
     lines += ["Exit status", "-----------", ""]
     for code, text in _EXIT:
@@ -306,8 +209,8 @@ def rst() -> str:
 # --- completion --------------------------------------------------------------------------
 
 
-def _takes_value(option: Option) -> bool:
-    return bool(option.names) and option.metavar is not None and not option.optional_value
+def _takes_value(option: Arg) -> bool:
+    return option.nargs in ("1", "*") and bool(option.names)
 
 
 def bash() -> str:
@@ -328,7 +231,7 @@ def bash() -> str:
         f'        {{ COMPREPLY=($(compgen -W "{names}" -- "$cur")); return; }} ;;',
     ]
     for cmd in cmds:
-        options = _losetup_options() if cmd.name == "losetup" else cmd.options
+        options = _options(cmd)
         opts = " ".join(n.split("[")[0] for o in options for n in o.names)
         values = " ".join(n for o in options if _takes_value(o) for n in o.names)
         files = " ".join(
@@ -348,22 +251,22 @@ def _zsh_text(text: str) -> str:
     return text.replace("'", "'\\''").replace("[", "\\[").replace("]", "\\]")
 
 
-def _zsh_specs(options: list[Option]) -> Iterator[str]:
+def _zsh_specs(options: Sequence[Arg]) -> Iterator[str]:
     for option in options:
         help = _zsh_text(option.help)
         if not option.names:
             action = "_files" if option.metavar in _FILE_METAVARS else " "
-            many = "*" if option.metavar and option.metavar.endswith("...") else ""
-            yield f"'{many}:{_zsh_text(option.metavar or '')}:{action}'"
+            many = "*" if option.nargs in ("*", "...") else ""
+            yield f"'{many}:{_zsh_text(option.metavar)}:{action}'"
             continue
         for name in option.names:
             name = name.split("[")[0]
             if _takes_value(option):
                 action = "_files" if option.metavar in _FILE_METAVARS else " "
                 eq = "=" if name.startswith("--") else ""
-                yield f"'{name}{eq}[{help}]:{_zsh_text(option.metavar or '')}:{action}'"
-            elif option.optional_value:
-                yield f"'{name}=-[{help}]::{_zsh_text(option.metavar or '')}: '"
+                yield f"'{name}{eq}[{help}]:{_zsh_text(option.metavar)}:{action}'"
+            elif option.nargs == "?":
+                yield f"'{name}=-[{help}]::{_zsh_text(option.metavar)}: '"
             else:
                 yield f"'{name}[{help}]'"
 
@@ -376,7 +279,8 @@ def zsh() -> str:
         "  )",
         "  _arguments -C \\",
     ]
-    lines += [f"    {spec} \\" for spec in _zsh_specs(top)]
+    # The command and its arguments are the states below.
+    lines += [f"    {spec} \\" for spec in _zsh_specs([o for o in top if o.names])]
     lines += [
         "    '1:command:->command' \\",
         "    '*::argument:->argument'",
@@ -387,9 +291,9 @@ def zsh() -> str:
     ]
     for cmd in cmds:
         if cmd.name == "losetup":
-            specs = [*_zsh_specs(_losetup_options()), "'*:file:_files'"]
+            specs = [*_zsh_specs(_options(cmd)), "'*:file:_files'"]
         else:
-            specs = list(_zsh_specs(cmd.options))
+            specs = list(_zsh_specs(cmd.args))
         lines.append(f"        {cmd.name})")
         lines.append("          _arguments \\")
         lines += [f"            {spec} \\" for spec in specs[:-1]]

@@ -3,7 +3,7 @@
 Built on the high-level API only (``loopdev.device``), so the command exercises
 the same code paths as library users. Errors are ``OSError``s; they become one
 ``loopdev: <message>`` line on stderr and exit status 1 (``--debug`` adds the
-traceback). Usage errors exit 2, as argparse does. Ctrl-C leaves ``main()`` as
+traceback). Usage errors exit 2 with the command's usage line. Ctrl-C leaves ``main()`` as
 ``KeyboardInterrupt``; the command then dies of SIGINT, silently, as losetup
 does (``_loopdev_main``).
 
@@ -16,14 +16,12 @@ is not valid JSON text).
 
 from __future__ import annotations
 
-import argparse
 import errno
-import json
 import os
-import re
 import stat
 import sys
 
+from loopdev._record import Record
 from loopdev.errors import LoopError
 
 TYPE_CHECKING = False  # not typing's: see loopdev/__init__.py
@@ -34,7 +32,6 @@ if TYPE_CHECKING:
 
     from loopdev.device import DeviceInfo, DirectIO, LoopDevice
 
-    _T = TypeVar("_T")
     _N = TypeVar("_N", int, float)
 
 __all__ = ["main", "parse_size"]
@@ -49,7 +46,6 @@ for _letter in "KMGTPE":
     _binary, _decimal = _binary * 1024, _decimal * 1000
     _UNITS[_letter] = _UNITS[_letter + "IB"] = _binary
     _UNITS[_letter + "B"] = _decimal
-_SIZE_RE = re.compile(r"\s*(-?)(0[xX][0-9a-fA-F]+|[0-9]+)\s*([a-zA-Z]*)\s*\Z")
 
 _DIRECT_IO: dict[str, DirectIO] = {"on": True, "off": False, "auto": "auto"}
 
@@ -68,17 +64,18 @@ _COLUMNS = (
 JsonValue = str | int | bool
 
 
-class Args(argparse.Namespace):
-    """The parsed command line, typed (a plain Namespace's attributes are ``Any``).
-
-    A subcommand's parser sets only its own options: reading another's fails
-    (AttributeError) as with a plain Namespace.
+class Args:
+    """The parsed command line, typed. The parser sets the options and arguments of the
+    command given (and ``debug``): reading another command's fails (AttributeError).
     """
 
     command: str
     func: Callable[[Args], int]
-    subparser: argparse.ArgumentParser
     debug: bool
+    help: bool
+    # the program's own: --version, and the command with its arguments
+    version: bool
+    words: list[str]
     # attach, run (and find: file)
     file: str
     offset: int
@@ -111,21 +108,39 @@ class Args(argparse.Namespace):
     timeout: float
 
 
+class UsageError(ValueError):
+    """A command line the parser refuses: exit status 2 with ``command``'s usage
+    (None: the program's)."""
+
+    def __init__(self, message: str, command: Command | None = None) -> None:
+        super().__init__(message)
+        self.command = command
+
+
 def parse_size(text: str) -> int:
     """``"4096"``, ``"0x1000"``, ``"4K"``, ``"4KiB"`` (1024-based) or ``"4KB"`` (1000-based).
 
     A minus sign is accepted so that the library, not the parser, rejects a
-    negative offset with a message naming the file.
+    negative offset with a message naming the file. ``UsageError`` (a
+    ``ValueError``) for anything else.
     """
-    m = _SIZE_RE.match(text)
-    suffix: str = m.group(3) if m else ""
-    unit = _UNITS.get(suffix.upper()) if m else None
-    if m is None or unit is None:
-        raise argparse.ArgumentTypeError(
+    rest = text.strip()
+    sign = -1 if rest[:1] == "-" else 1
+    rest = rest[1:] if sign < 0 else rest
+    # Written out, not a regular expression: re costs 4 ms at start (loopdev list).
+    digits, base = (
+        ("0123456789abcdefABCDEF", 16) if rest[:2] in ("0x", "0X") else ("0123456789", 10)
+    )
+    start = end = 2 if base == 16 else 0
+    while end < len(rest) and rest[end] in digits:
+        end += 1
+    suffix = rest[end:].strip()
+    unit = _UNITS.get(suffix.upper()) if suffix.isascii() else None
+    if end == start or unit is None:
+        raise UsageError(
             f"invalid size {text!r} (bytes, or with a suffix K, M, G, T, KiB, MiB, ...)"
         )
-    value = int(m.group(2), 0) * unit
-    return -value if m.group(1) else value
+    return sign * int(rest[start:end], base) * unit
 
 
 def _loop_name(arg: str) -> str | None:
@@ -560,6 +575,8 @@ def cmd_list(args: Args) -> int:
         if not infos:
             raise LoopError(errno.ENXIO, "device is not bound", device=f"/dev/{name}")
     if args.json:
+        import json  # only --json needs it (1 ms at start)
+
         document = {"loopdevices": [_row(i) for i in infos]}
         _out(json.dumps(document, indent=3, ensure_ascii=False))
     elif infos:
@@ -589,149 +606,333 @@ def cmd_resize(args: Args) -> int:
     return 0
 
 
-# --- parser ------------------------------------------------------------------------
+# --- parser ------------------------------------------------------------------------------
+#
+# Each command's options and arguments are one table of Arg records. The parser,
+# --help, the usage line of an error and (python -m loopdev._clidoc) the man page,
+# the CLI reference and the shell completions are all made from it. Not argparse:
+# with the re, enum and gettext it imports it cost 6 ms of every start, more than
+# `loopdev list` does.
 
 
-def _attach_options(p: argparse.ArgumentParser) -> None:
-    """The options ``attach`` and ``run`` share: how the device is set up."""
-    direct_io: list[str] = sorted(_DIRECT_IO)
-    p.add_argument(
-        "-o",
-        "--offset",
-        type=parse_size,
-        default=0,
-        metavar="N",
-        help="start N bytes into the file",
-    )
-    p.add_argument(
-        "--sizelimit",
-        type=parse_size,
-        default=0,
-        metavar="N",
-        help="use at most N bytes of the file (a multiple of 512)",
-    )
-    p.add_argument("-r", "--read-only", action="store_true", help="set up a read-only device")
-    p.add_argument("-P", "--partscan", action="store_true", help="register partitions")
-    p.add_argument(
-        "--direct-io",
-        nargs="?",
-        const="on",
-        default="off",
-        choices=direct_io,
-        metavar="on|off|auto",
-        help="direct I/O on the backing file: on, off or auto (where the file allows it); "
-        "default off, as in losetup; alone means on, so give a value as --direct-io=VALUE",
-    )
-    p.add_argument(
-        "-b",
-        "--sector-size",
-        type=parse_size,
-        default=None,
-        metavar="N",
-        help="logical sector size: 512, 1024, 2048 or 4096",
-    )
+class Arg(Record):
+    """An option (``names``: ``("-o", "--offset")``) or a positional argument (none).
 
+    ``nargs``, for an option: "0" (a flag), "1" (takes a value), "?" (a value only
+    after "=", else ``bare``: getopt's optional argument) or "*" (a value,
+    repeatable: a list); for an argument: "1", "?", "*" or "..." (everything from
+    there on, options too: run's COMMAND). ``convert`` turns the text into the
+    value (``ValueError``: a usage error).
+    """
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (exposed for tests and shell-completion generators)."""
-    # --debug works before and after the subcommand; SUPPRESS keeps the
-    # subparser's default from overwriting a --debug given before it.
-    debug = argparse.ArgumentParser(add_help=False)
-    debug.add_argument(
-        "--debug",
-        action="store_true",
-        default=argparse.SUPPRESS,
-        help="show the traceback on errors",
-    )
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="Set up and control loop devices (a losetup work-alike).",
-    )
-    parser.add_argument("--debug", action="store_true", help="show the traceback on errors")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    __match_args__ = ("names", "dest", "help", "metavar", "nargs", "convert", "default", "bare")
+    names: tuple[str, ...]
+    dest: str
+    help: str
+    metavar: str
+    nargs: str
+    convert: Callable[[str], object] | None
+    default: object
+    bare: str | None
 
-    def command(
-        name: str,
-        func: Callable[[Args], int],
+    def __init__(
+        self,
+        names: tuple[str, ...],
+        dest: str,
         help: str,
-    ) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, parents=[debug], help=help, description=help)
-        # The subcommand's own parser: its usage goes with its errors.
-        p.set_defaults(func=func, subparser=p)
-        return p
+        metavar: str,
+        nargs: str,
+        convert: Callable[[str], object] | None,
+        default: object,
+        bare: str | None,
+    ) -> None:
+        self._values = (names, dest, help, metavar, nargs, convert, default, bare)
 
-    p = command("attach", cmd_attach, "attach FILE to a free loop device (losetup -f FILE)")
-    _attach_options(p)
-    p.add_argument("--show", action="store_true", help="print the device path")
-    p.add_argument(
-        "-L",
-        "--nooverlap",
-        action="store_true",
-        help="reuse a device of FILE with the same offset and size limit; fail if one overlaps",
-    )
-    p.add_argument("file", metavar="FILE")
 
-    p = command(
-        "run",
-        cmd_run,
-        "attach FILE, run COMMAND with LOOPDEV (the device) and LOOPDEV_PARTITIONS "
-        "(its partitions) in its environment, then detach; exits with COMMAND's status",
-    )
-    _attach_options(p)
-    p.add_argument("file", metavar="FILE")
-    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARG...]")
-
-    p = command(
-        "detach", cmd_detach, "detach devices, or every device of a backing FILE (losetup -d)"
-    )
-    p.add_argument(
-        "-a", "--all", action="store_true", help="detach every bound loop device (losetup -D)"
-    )
-    p.add_argument(
-        "--wait",
-        type=float,
-        default=0.0,
-        metavar="SECONDS",
-        help="--wait or --wait=SECONDS: wait (10 s, or SECONDS) until the kernel released "
-        "each device; without it, return at once like losetup -d (the kernel releases a "
-        "device still held open when its last user closes it)",
-    )
-    p.add_argument("targets", nargs="*", metavar="DEVICE|FILE")
-
-    p = command("list", cmd_list, "show bound devices (losetup -l)")
-    p.add_argument("-J", "--json", action="store_true", help="as losetup -J -l")
-    p.add_argument("only", nargs="?", metavar="DEVICE")
-    p.add_argument(
-        "--broker",
-        metavar="PATH",
-        help="only the devices that the broker at socket PATH holds for this user",
+def option(
+    names: str,
+    help: str,
+    metavar: str = "",
+    convert: Callable[[str], object] | None = None,
+    default: object = None,
+    *,
+    dest: str = "",
+    bare: str | None = None,
+    many: bool = False,
+) -> Arg:
+    """An option called ``names`` ("-o --offset"); a flag where it has no ``metavar``."""
+    spelled = tuple(names.split())
+    nargs = "0" if not metavar else "?" if bare is not None else "*" if many else "1"
+    dest = dest or spelled[-1].lstrip("-").replace("-", "_")
+    return Arg(
+        spelled, dest, help, metavar, nargs, convert, False if nargs == "0" else default, bare
     )
 
-    p = command("find", cmd_find, "print the devices backed by FILE, one path a line (losetup -j)")
-    p.add_argument(
-        "-o",
-        "--offset",
-        dest="at_offset",
-        type=parse_size,
-        default=None,
-        metavar="N",
-        help="only devices starting N bytes into the file",
-    )
-    p.add_argument("file", metavar="FILE")
 
-    p = command("resize", cmd_resize, "re-read the backing file's size (losetup -c)")
-    p.add_argument("device", metavar="DEVICE")
-    _serve_arguments(command("serve", cmd_serve, "serve loop devices to other users (root)"))
-    # Documentation only: main() hands "losetup ..." to loopdev.losetup before parsing.
-    p = sub.add_parser(
-        "losetup",
-        add_help=False,
-        help="util-linux losetup's syntax and output (also run as `losetup`)",
-        description="util-linux 2.38 losetup's options, output and exit codes",
-    )
-    p.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS")
-    return parser
+def argument(dest: str, metavar: str, nargs: str = "1") -> Arg:
+    """A positional argument."""
+    return Arg((), dest, "", metavar, nargs, None, None, None)
+
+
+class Command(Record):
+    """A subcommand: its name, what it does, its options and arguments, its function."""
+
+    __match_args__ = ("name", "help", "args", "func")
+    name: str
+    help: str
+    args: tuple[Arg, ...]
+    func: Callable[[Args], int] | None
+
+    def __init__(
+        self, name: str, help: str, args: tuple[Arg, ...], func: Callable[[Args], int] | None
+    ) -> None:
+        self._values = (name, help, args, func)
+
+
+class _Done(Exception):
+    """``--help`` or ``--version``: print the text, exit 0."""
+
+
+def _names(arg: Arg) -> str:
+    return "/".join(arg.names) or arg.metavar
+
+
+def _long(options: dict[str, Arg], name: str, given: str) -> Arg:
+    """The option ``name`` is, or is the unique start of (as getopt_long allows)."""
+    found = options.get(name)
+    if found is not None:
+        return found
+    matches = [n for n in options if n[:2] == "--" and n.startswith(name)]
+    if len({options[n].dest for n in matches}) == 1:
+        return options[matches[0]]
+    if matches:
+        raise UsageError(f"ambiguous option: {name} could match {', '.join(matches)}")
+    raise UsageError(f"unrecognized arguments: {given}")
+
+
+def scan(
+    argv: Sequence[str], options: Sequence[Arg], stop: int | None = None
+) -> tuple[list[tuple[Arg, str | None]], list[str]]:
+    """``argv`` read as GNU getopt_long reads it: options and arguments in any order,
+    "--" ends the options, long names by a unique start, ``--name=value``, ``-rP``
+    and ``-o4096``. Returns the options given, in order, with their text (None
+    for a flag; ``bare`` for an optional value not given), and the arguments.
+    After ``stop`` arguments the rest are arguments as they stand (run's COMMAND).
+    """
+    by_name = {name: o for o in options for name in o.names}
+    found: list[tuple[Arg, str | None]] = []
+    words: list[str] = []
+    i, options_end = 0, False
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if options_end or arg == "-" or arg[:1] != "-":
+            words.append(arg)
+            if stop is not None and len(words) > stop:
+                return found, words + list(argv[i:])
+        elif arg == "--":
+            options_end = True
+        elif arg[:2] == "--":
+            name, eq, value = arg.partition("=")
+            opt = _long(by_name, name, arg)
+            if opt.nargs == "0" and eq:
+                raise UsageError(f"argument {_names(opt)}: ignored explicit argument {value!r}")
+            if opt.nargs == "0" or (opt.nargs == "?" and not eq):
+                found.append((opt, opt.bare))
+            elif eq:
+                found.append((opt, value))
+            elif i < len(argv):
+                found.append((opt, argv[i]))
+                i += 1
+            else:
+                raise UsageError(f"argument {_names(opt)}: expected one argument")
+        else:
+            for j in range(1, len(arg)):
+                short = by_name.get(f"-{arg[j]}")
+                if short is None:
+                    raise UsageError(f"unrecognized arguments: {arg}")
+                if short.nargs == "0":
+                    found.append((short, None))
+                    continue
+                if j + 1 < len(arg):
+                    found.append((short, arg[j + 1 :]))
+                elif i < len(argv):
+                    found.append((short, argv[i]))
+                    i += 1
+                else:
+                    raise UsageError(f"argument {_names(short)}: expected one argument")
+                break
+    return found, words
+
+
+def _convert(arg: Arg, text: str | None) -> object:
+    if arg.nargs == "0":
+        return True
+    if arg.convert is None or text is None:
+        return text
+    try:
+        return arg.convert(text)
+    except ValueError as exc:
+        reason = str(exc) if isinstance(exc, UsageError) else f"invalid value: {text!r}"
+        raise UsageError(f"argument {_names(arg)}: {reason}") from None
+
+
+def _read(table: Sequence[Arg], argv: Sequence[str], into: Args) -> None:
+    """Set ``into``'s attributes from ``argv`` by ``table``. A default does not replace
+    a value already there: ``--debug`` before the command stays."""
+    positional = [a for a in table if not a.names]
+    stop = next((n for n, a in enumerate(positional) if a.nargs == "..."), None)
+    found, words = scan(argv, table, stop)
+    values = {a.dest: [] if a.nargs in ("*", "...") else a.default for a in table}
+    given = {a.dest for a in positional}
+    for opt, text in found:
+        value = _convert(opt, text)
+        current = values[opt.dest]
+        if opt.nargs == "*" and isinstance(current, list):
+            current.append(value)
+        else:
+            values[opt.dest] = value
+        given.add(opt.dest)
+    missing = []
+    for arg in positional:
+        if arg.nargs in ("*", "..."):
+            values[arg.dest], words = words, []
+        elif words:
+            values[arg.dest] = words.pop(0)
+        elif arg.nargs == "1":
+            missing.append(arg.metavar)
+    for dest, value in values.items():
+        if dest in given or not hasattr(into, dest):
+            setattr(into, dest, value)
+    if values.get("help"):
+        return  # --help with whatever else
+    if words:
+        raise UsageError(f"unrecognized arguments: {' '.join(words)}")
+    if missing:
+        raise UsageError(f"the following arguments are required: {', '.join(missing)}")
+
+
+def parse(argv: Sequence[str]) -> Args:
+    """The command line as ``loopdev`` reads it. ``UsageError`` (its ``command``: whose
+    usage to show) where it is refused; for ``losetup``, its arguments in ``words``."""
+    args = Args()
+    try:
+        _read(TOP, argv, args)
+    except UsageError as exc:
+        raise UsageError(str(exc)) from None
+    if args.help:
+        raise _Done(help_text(None))
+    if args.version:
+        raise _Done(f"{PROG} {_version()}")
+    if not args.words:
+        raise UsageError("the following arguments are required: COMMAND")
+    name = args.words[0]
+    command = next((c for c in COMMANDS if c.name == name), None)
+    if command is None:
+        names = ", ".join(c.name for c in COMMANDS)
+        raise UsageError(f"argument COMMAND: invalid choice: {name!r} (choose from {names})")
+    args.command = name
+    if command.func is None:  # losetup: the drop-in reads its own arguments
+        del args.words[0]
+        return args
+    try:
+        _read(command.args, args.words[1:], args)
+        if args.help:
+            raise _Done(help_text(command))
+        _check(command.name, args)
+    except UsageError as exc:
+        raise UsageError(str(exc), command) from None
+    args.func = command.func
+    return args
+
+
+def _check(command: str, args: Args) -> None:
+    """What the table cannot say."""
+    if command == "detach" and args.all == bool(args.targets):
+        raise UsageError("detach needs DEVICE or FILE arguments, or --all (not both)")
+    if command == "run" and not args.cmd:
+        raise UsageError("run needs a command: loopdev run [OPTIONS] FILE -- COMMAND [ARG...]")
+
+
+# --- usage and help ----------------------------------------------------------------
+
+
+def spelled(arg: Arg) -> str:
+    """``-o, --offset N``, ``--direct-io[=on|off|auto]``, ``--show``; an argument's metavar."""
+    text = ", ".join(arg.names)
+    if not arg.names:
+        return arg.metavar
+    if arg.nargs == "?":
+        return f"{text}[={arg.metavar}]"
+    return f"{text} {arg.metavar}" if arg.metavar else text
+
+
+def _usage_part(arg: Arg) -> str:
+    if not arg.names:
+        forms = {"1": "{}", "?": "[{}]", "*": "[{}...]", "...": "{}"}
+        return forms[arg.nargs].format(arg.metavar)
+    name = arg.names[0]
+    if arg.nargs == "?":
+        return f"[{name}[={arg.metavar}]]"
+    return f"[{name} {arg.metavar}]" if arg.metavar else f"[{name}]"
+
+
+def _usage_parts(command: Command | None) -> list[str]:
+    if command is None:
+        return [PROG, *map(_usage_part, TOP)]
+    return [f"{PROG} {command.name}", *map(_usage_part, command.args)]
+
+
+def usage(command: Command | None) -> str:
+    """``loopdev attach [-h] [--debug] ... FILE`` (None: the program's own), one line."""
+    return " ".join(_usage_parts(command))
+
+
+def _usage_lines(command: Command | None) -> str:
+    """``usage: ...`` wrapped to 80 columns, continued under the first option."""
+    name, *parts = _usage_parts(command)
+    head = f"usage: {name}"
+    lines = [head]
+    for part in parts:
+        if len(lines[-1]) + 1 + len(part) > 80 and len(lines[-1]) > len(head):
+            lines.append(" " * len(head))
+        lines[-1] += f" {part}"
+    return "\n".join(lines)
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    lines = [""]
+    for word in text.split():
+        if lines[-1] and len(lines[-1]) + 1 + len(word) > width:
+            lines.append(word)
+        else:
+            lines[-1] = f"{lines[-1]} {word}" if lines[-1] else word
+    return lines
+
+
+def _rows(rows: Sequence[tuple[str, str]]) -> list[str]:
+    """argparse's layout: the names indented 2, their text from column 24 (below
+    where the names are longer), wrapped to 80 columns."""
+    lines = []
+    for left, text in rows:
+        wrapped = _wrap(text, 80 - 24)
+        if len(left) + 4 > 24:
+            lines.append(f"  {left}")
+        else:
+            lines.append(f"  {left:<20}  {wrapped.pop(0)}")
+        lines += [" " * 24 + line for line in wrapped]
+    return lines
+
+
+def help_text(command: Command | None) -> str:
+    """``loopdev --help`` (None) or ``loopdev COMMAND --help``."""
+    about = DESCRIPTION if command is None else command.help
+    table = TOP if command is None else command.args
+    lines = [_usage_lines(command), "", *_wrap(about, 80), ""]
+    if command is None:
+        lines += ["commands:", *_rows([(c.name, c.help) for c in COMMANDS]), ""]
+    lines += ["options:", *_rows([(spelled(a), a.help) for a in table if a.names])]
+    return "\n".join(lines)
 
 
 def _version() -> str:
@@ -745,13 +946,15 @@ def _version() -> str:
 
 def _positive(text: str, value: _N) -> _N:
     if not value > 0:  # NaN too
-        raise argparse.ArgumentTypeError(f"invalid value {text!r} (a positive number)")
+        raise UsageError(f"invalid value {text!r} (a positive number)")
     return value
 
 
 def _count(text: str) -> int:
     try:
         return _positive(text, int(text))
+    except UsageError:
+        raise
     except ValueError:
         return _positive(text, 0)
 
@@ -759,6 +962,8 @@ def _count(text: str) -> int:
 def _seconds(text: str) -> float:
     try:
         return _positive(text, float(text))
+    except UsageError:
+        raise
     except ValueError:
         return _positive(text, 0.0)
 
@@ -768,7 +973,7 @@ def _id(text: str, lookup: Callable[[str], int], what: str) -> int:
     try:
         return int(text) if text.isdigit() else lookup(text)
     except KeyError:
-        raise argparse.ArgumentTypeError(f"no such {what}: {text}") from None
+        raise UsageError(f"no such {what}: {text}") from None
 
 
 def _user_id(text: str) -> int:
@@ -783,60 +988,6 @@ def _group_id(text: str) -> int:
     return _id(text, lambda name: grp.getgrnam(name).gr_gid, "group")
 
 
-def _serve_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--socket",
-        metavar="PATH",
-        help="listen on PATH (default /run/loopdev/broker.sock; "
-        "a socket passed by systemd socket activation comes first)",
-    )
-    for flag, parse, metavar, allowed in (
-        (
-            "--allow-user",
-            _user_id,
-            "USER|UID",
-            "let this user attach devices (repeatable; root always may)",
-        ),
-        (
-            "--allow-group",
-            _group_id,
-            "GROUP|GID",
-            "let members of this group attach devices (repeatable)",
-        ),
-    ):
-        ids: list[int] = []  # argparse appends to a copy
-        p.add_argument(
-            flag, action="append", type=parse, default=ids, metavar=metavar, help=allowed
-        )
-    for flag, most, held in (
-        ("--max-per-client", 16, "devices one user may hold at once"),
-        ("--max-devices", 256, "devices the broker holds at once in total"),
-    ):
-        p.add_argument(
-            flag, type=_count, default=most, metavar="N", help=f"{held} (default {most})"
-        )
-    p.add_argument(
-        "--allow-block-devices",
-        action="store_true",
-        help="accept block devices as backing files, not only regular files",
-    )
-    p.add_argument(
-        "--node-dir",
-        default="/dev",
-        metavar="DIR",
-        help="where the private directory for handing over nodes is made; "
-        "its file system must allow devices (not nodev) (default /dev)",
-    )
-    p.add_argument(
-        "--timeout",
-        type=_seconds,
-        default=10.0,
-        metavar="SECONDS",
-        help="a request must arrive within SECONDS once started; a connection "
-        "holding no device is closed after SECONDS idle (default 10)",
-    )
-
-
 def cmd_serve(args: Args) -> int:
     """``serve`` runs the broker, a layer above the CLI (which does not import it):
     the program (``loopdev``, ``python -m loopdev``) hands it to :func:`main`."""
@@ -846,27 +997,197 @@ def cmd_serve(args: Args) -> int:
     )
 
 
-# Options whose value is optional, as with getopt: the value only after "=",
-# so that "--wait /dev/loop3" waits (10 s) for /dev/loop3 and
-# "--direct-io disk.img" attaches disk.img with direct I/O (as losetup).
-_OPTIONAL_VALUES = {
-    "detach": {"--wait": "--wait=10"},
-    "attach": {"--direct-io": "--direct-io=on"},
-    "run": {"--direct-io": "--direct-io=on"},
-}
+def _direct_io(text: str) -> str:
+    if text not in _DIRECT_IO:
+        raise UsageError(f"invalid choice: {text!r} (choose from on, off, auto)")
+    return text
 
 
-def _with_values(given: list[str]) -> list[str]:
-    """``given`` with the bare optional-value options of its subcommand completed
-    (up to "--": what follows belongs to run's command)."""
-    command = next((arg for arg in given if not arg.startswith("-")), None)
-    table = _OPTIONAL_VALUES.get(command or "", {})
-    out: list[str] = []
-    for i, arg in enumerate(given):
-        if arg == "--":
-            return out + given[i:]
-        out.append(table.get(arg, arg))
-    return out
+# --- the commands ------------------------------------------------------------------
+
+DESCRIPTION = "Set up and control loop devices (a losetup work-alike)."
+
+_HELP = option("-h --help", "show this help and exit")
+_DEBUG = option("--debug", "show the traceback on errors")
+TOP = (
+    _HELP,
+    _DEBUG,
+    option("--version", "show the version and exit"),
+    argument("words", "COMMAND [ARG...]", "..."),
+)
+# How the device is set up: attach and run.
+_SETUP = (
+    option("-o --offset", "start N bytes into the file", "N", parse_size, 0),
+    option(
+        "--sizelimit", "use at most N bytes of the file (a multiple of 512)", "N", parse_size, 0
+    ),
+    option("-r --read-only", "set up a read-only device"),
+    option("-P --partscan", "register partitions"),
+    option(
+        "--direct-io",
+        "direct I/O on the backing file: on, off or auto (where the file allows it); "
+        "default off, as in losetup; alone means on, so give a value as --direct-io=VALUE",
+        "on|off|auto",
+        _direct_io,
+        "off",
+        bare="on",
+    ),
+    option("-b --sector-size", "logical sector size: 512, 1024, 2048 or 4096", "N", parse_size),
+)
+_FILE = argument("file", "FILE")
+COMMANDS = (
+    Command(
+        "attach",
+        "attach FILE to a free loop device (losetup -f FILE)",
+        (
+            _HELP,
+            _DEBUG,
+            *_SETUP,
+            option("--show", "print the device path"),
+            option(
+                "-L --nooverlap",
+                "reuse a device of FILE with the same offset and size limit; fail if one overlaps",
+            ),
+            _FILE,
+        ),
+        cmd_attach,
+    ),
+    Command(
+        "run",
+        "attach FILE, run COMMAND with LOOPDEV (the device) and LOOPDEV_PARTITIONS "
+        "(its partitions) in its environment, then detach; exits with COMMAND's status",
+        (_HELP, _DEBUG, *_SETUP, _FILE, argument("cmd", "-- COMMAND [ARG...]", "...")),
+        cmd_run,
+    ),
+    Command(
+        "detach",
+        "detach devices, or every device of a backing FILE (losetup -d)",
+        (
+            _HELP,
+            _DEBUG,
+            option("-a --all", "detach every bound loop device (losetup -D)"),
+            option(
+                "--wait",
+                "wait (10 s, or SECONDS) until the kernel released each device; without "
+                "it, return at once like losetup -d (the kernel releases a device still "
+                "held open when its last user closes it)",
+                "SECONDS",
+                float,
+                0.0,
+                bare="10",
+            ),
+            argument("targets", "DEVICE|FILE", "*"),
+        ),
+        cmd_detach,
+    ),
+    Command(
+        "list",
+        "show bound devices (losetup -l)",
+        (
+            _HELP,
+            _DEBUG,
+            option("-J --json", "as losetup -J -l"),
+            option(
+                "--broker",
+                "only the devices that the broker at socket PATH holds for this user",
+                "PATH",
+            ),
+            argument("only", "DEVICE", "?"),
+        ),
+        cmd_list,
+    ),
+    Command(
+        "find",
+        "print the devices backed by FILE, one path a line (losetup -j)",
+        (
+            _HELP,
+            _DEBUG,
+            option(
+                "-o --offset",
+                "only devices starting N bytes into the file",
+                "N",
+                parse_size,
+                dest="at_offset",
+            ),
+            _FILE,
+        ),
+        cmd_find,
+    ),
+    Command(
+        "resize",
+        "re-read the backing file's size (losetup -c)",
+        (_HELP, _DEBUG, argument("device", "DEVICE")),
+        cmd_resize,
+    ),
+    Command(
+        "serve",
+        "serve loop devices to other users (root)",
+        (
+            _HELP,
+            _DEBUG,
+            option(
+                "--socket",
+                "listen on PATH (default /run/loopdev/broker.sock; a socket passed by "
+                "systemd socket activation comes first)",
+                "PATH",
+            ),
+            option(
+                "--allow-user",
+                "let this user attach devices (repeatable; root always may)",
+                "USER|UID",
+                _user_id,
+                many=True,
+            ),
+            option(
+                "--allow-group",
+                "let members of this group attach devices (repeatable)",
+                "GROUP|GID",
+                _group_id,
+                many=True,
+            ),
+            option(
+                "--max-per-client",
+                "devices one user may hold at once (default 16)",
+                "N",
+                _count,
+                16,
+            ),
+            option(
+                "--max-devices",
+                "devices the broker holds at once in total (default 256)",
+                "N",
+                _count,
+                256,
+            ),
+            option(
+                "--allow-block-devices",
+                "accept block devices as backing files, not only regular files",
+            ),
+            option(
+                "--node-dir",
+                "where the private directory for handing over nodes is made; its file "
+                "system must allow devices (not nodev) (default /dev)",
+                "DIR",
+                default="/dev",
+            ),
+            option(
+                "--timeout",
+                "a request must arrive within SECONDS once started; a connection holding "
+                "no device is closed after SECONDS idle (default 10)",
+                "SECONDS",
+                _seconds,
+                10.0,
+            ),
+        ),
+        cmd_serve,
+    ),
+    Command(
+        "losetup",
+        "util-linux losetup's syntax and output (also run as `losetup`)",
+        (argument("words", "ARGS...", "..."),),
+        None,
+    ),
+)
 
 
 def _output_cut() -> int:
@@ -890,22 +1211,19 @@ def main(argv: list[str] | None = None, *, serve: Callable[[Args], int] = cmd_se
         from loopdev import losetup
 
         return losetup.main(given)
-    if given[:1] == ["losetup"]:
+    try:
+        args = parse(given)
+    except _Done as done:
+        _out(str(done))
+        return 0
+    except UsageError as exc:
+        prog = PROG if exc.command is None else f"{PROG} {exc.command.name}"
+        sys.stderr.write(f"{_usage_lines(exc.command)}\n{prog}: error: {exc}\n")
+        return 2
+    if args.command == "losetup":
         from loopdev import losetup
 
-        return losetup.main(given[1:], prog=f"{PROG} losetup")
-    parser = build_parser()
-    args, unknown = parser.parse_known_args(_with_values(given), namespace=Args())
-    sub = args.subparser
-    if unknown:
-        sub.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if args.command == "detach" and args.all == bool(args.targets):
-        sub.error("detach needs DEVICE or FILE arguments, or --all (not both)")
-    if args.command == "run":
-        if args.cmd[:1] == ["--"]:  # argparse keeps it on some versions
-            args.cmd = args.cmd[1:]
-        if not args.cmd:
-            sub.error("run needs a command: loopdev run [OPTIONS] FILE -- COMMAND [ARG...]")
+        return losetup.main(args.words, prog=f"{PROG} losetup")
     func = serve if args.command == "serve" else args.func
     try:
         status = func(args)

@@ -18,16 +18,18 @@ supported (the last two are accepted and ignored / refused).
 from __future__ import annotations
 
 import errno
-import getopt
-import json
 import os
 import sys
-from collections.abc import Callable, Sequence
 
 from loopdev import __version__
+from loopdev.cli import UsageError, option, scan, spelled
 from loopdev.errors import LoopError
 
-__all__ = ["COLUMNS", "main"]
+TYPE_CHECKING = False  # not typing's: see loopdev/__init__.py
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+__all__ = ["COLUMNS", "OPTIONS", "main"]
 
 # losetup's columns in --output-all's order: name, JSON type, help (as --help
 # lists them). Numbers and flags are right-aligned, text left-aligned.
@@ -52,33 +54,43 @@ COLUMNS: dict[str, tuple[bool, str, str]] = {
 }
 DEFAULT_COLUMNS = ("NAME", "SIZELIMIT", "OFFSET", "AUTOCLEAR", "RO", "BACK-FILE", "DIO", "LOG-SEC")
 
-_SHORT = "ab:c:d:Dfhj:JlLno:O:PrvV"
-_LONG = [
-    "all",
-    "associated=",
-    "detach=",
-    "detach-all",
-    "direct-io=",
-    "find",
-    "help",
-    "json",
-    "list",
-    "noheadings",
-    "nooverlap",
-    "offset=",
-    "output=",
-    "output-all",
-    "partscan",
-    "raw",
-    "read-only",
-    "sector-size=",
-    "set-capacity=",
-    "show",
-    "sizelimit=",
-    "verbose",
-    "version",
-]
-# util-linux's mutually exclusive groups (err_exclusive_options).
+# util-linux 2.38's options, grouped as its --help groups them: the parser and
+# --help (and loopdev(8), the completions: loopdev._clidoc) are made from this.
+_GROUPS = (
+    (
+        option("-a --all", "list all used devices"),
+        option("-d --detach", "detach one or more devices", "<loopdev>..."),
+        option("-D --detach-all", "detach all used devices"),
+        option("-f --find", "find first unused device"),
+        option("-c --set-capacity", "resize the device", "<loopdev>"),
+        option("-j --associated", "list all devices associated with <file>", "<file>"),
+        option("-L --nooverlap", "avoid possible conflict between devices"),
+    ),
+    (
+        option("-o --offset", "start at offset <num> into file", "<num>"),
+        option("--sizelimit", "device is limited to <num> bytes of the file", "<num>"),
+        option("-b --sector-size", "set the logical sector size to <num>", "<num>"),
+        option("-P --partscan", "create a partitioned loop device"),
+        option("-r --read-only", "set up a read-only loop device"),
+        option("--direct-io", "open backing file with O_DIRECT", "<on|off>", bare="on"),
+        option("--show", "print device name after setup (with -f)"),
+        option("-v --verbose", "verbose mode"),
+    ),
+    (
+        option("-J --json", "use JSON --list output format"),
+        option("-l --list", "list info about all or specified (default)"),
+        option("-n --noheadings", "don't print headings for --list output"),
+        option("-O --output", "specify columns to output for --list", "<cols>"),
+        option("--output-all", "output all columns"),
+        option("--raw", "use raw --list output format"),
+    ),
+    (
+        option("-h --help", "display this help"),
+        option("-V --version", "display version"),
+    ),
+)
+OPTIONS = tuple(o for group in _GROUPS for o in group)
+# util-linux's mutually exclusive groups (err_exclusive_options), by first name.
 _EXCLUSIVE = (
     {"-D", "-a", "-c", "-d", "-f", "-j"},
     {"-D", "-c", "-d", "-f", "-l"},
@@ -86,27 +98,7 @@ _EXCLUSIVE = (
     {"-J", "--raw"},
     {"-O", "--output-all"},
 )
-_SHORT_OF = {
-    "--all": "-a",
-    "--associated": "-j",
-    "--detach": "-d",
-    "--detach-all": "-D",
-    "--find": "-f",
-    "--help": "-h",
-    "--json": "-J",
-    "--list": "-l",
-    "--noheadings": "-n",
-    "--nooverlap": "-L",
-    "--offset": "-o",
-    "--output": "-O",
-    "--partscan": "-P",
-    "--read-only": "-r",
-    "--sector-size": "-b",
-    "--set-capacity": "-c",
-    "--verbose": "-v",
-    "--version": "-V",
-}
-_LONG_OF = {short: long for long, short in _SHORT_OF.items()}
+_LONG_OF = {o.names[0]: o.names[-1] for o in OPTIONS}
 
 Cell = str | None
 Row = dict[str, Cell]
@@ -144,7 +136,7 @@ def _size(text: str, what: str) -> int:
 
     try:
         value = parse_size(text)
-    except Exception:  # argparse.ArgumentTypeError
+    except ValueError:
         value = -1
     if value < 0:
         raise _Usage(f"failed to parse {what}: '{text}': Invalid argument")
@@ -163,16 +155,15 @@ def _columns(text: str) -> list[str]:
 
 def parse(argv: Sequence[str]) -> Options:
     """The command line as util-linux 2.38's losetup reads it."""
-    # getopt has no optional values: --direct-io alone means on.
-    args = ["--direct-io=on" if a == "--direct-io" else a for a in argv]
     try:
-        pairs, rest = getopt.gnu_getopt(args, _SHORT, _LONG)
-    except getopt.GetoptError as exc:
-        raise _Usage(f"{exc.msg}\nTry 'losetup --help' for more information.") from None
+        pairs, rest = scan(argv, OPTIONS)
+    except UsageError as exc:
+        raise _Usage(f"{exc}\nTry 'losetup --help' for more information.") from None
     o = Options()
     seen: set[str] = set()
-    for opt, value in pairs:
-        key = _SHORT_OF.get(opt, opt)
+    for opt, text in pairs:
+        key = opt.names[0]
+        value = text or ""  # None for flags, which do not read it
         for group in _EXCLUSIVE:
             if key in group and seen & group - {key}:
                 names = sorted(_LONG_OF.get(k, k) for k in group)
@@ -420,6 +411,8 @@ def format_json(rows: Sequence[Row], columns: Sequence[str]) -> str:
             else:
                 obj[col.lower()] = os.fsencode(value).decode("utf-8", "backslashreplace")
         objects.append(obj)
+    import json  # only -J needs it
+
     document = {"loopdevices": objects}
     text = json.dumps(document, indent=3, ensure_ascii=False)
     # libsmartcols closes one object and opens the next on the same line.
@@ -643,35 +636,6 @@ def run(o: Options, warn: Callable[[str], None]) -> int:
 
 # --- help, version, entry ----------------------------------------------------------
 
-_OPTIONS_HELP = (
-    ("-a, --all", "list all used devices"),
-    ("-d, --detach <loopdev>...", "detach one or more devices"),
-    ("-D, --detach-all", "detach all used devices"),
-    ("-f, --find", "find first unused device"),
-    ("-c, --set-capacity <loopdev>", "resize the device"),
-    ("-j, --associated <file>", "list all devices associated with <file>"),
-    ("-L, --nooverlap", "avoid possible conflict between devices"),
-    ("", ""),
-    ("-o, --offset <num>", "start at offset <num> into file"),
-    ("    --sizelimit <num>", "device is limited to <num> bytes of the file"),
-    ("-b, --sector-size <num>", "set the logical sector size to <num>"),
-    ("-P, --partscan", "create a partitioned loop device"),
-    ("-r, --read-only", "set up a read-only loop device"),
-    ("    --direct-io[=<on|off>]", "open backing file with O_DIRECT"),
-    ("    --show", "print device name after setup (with -f)"),
-    ("-v, --verbose", "verbose mode"),
-    ("", ""),
-    ("-J, --json", "use JSON --list output format"),
-    ("-l, --list", "list info about all or specified (default)"),
-    ("-n, --noheadings", "don't print headings for --list output"),
-    ("-O, --output <cols>", "specify columns to output for --list"),
-    ("    --output-all", "output all columns"),
-    ("    --raw", "use raw --list output format"),
-    ("", ""),
-    ("-h, --help", "display this help"),
-    ("-V, --version", "display version"),
-)
-
 
 def help_text(prog: str) -> str:
     """``losetup --help``: the same options and columns as util-linux's."""
@@ -685,9 +649,12 @@ def help_text(prog: str) -> str:
         "",
         "Options:",
     ]
-    for opt, text in _OPTIONS_HELP:
-        lines.append(f" {opt:<29} {text}" if opt else "")
-    lines += ["", "Available output columns:"]
+    for group in _GROUPS:
+        for opt in group:
+            indent = "    " if opt.names[0][:2] == "--" else ""
+            lines.append(f" {indent + spelled(opt):<29} {opt.help}")
+        lines.append("")
+    lines += ["Available output columns:"]
     lines += [f" {col:>12}  {info[2]}" for col, info in COLUMNS.items()]
     lines += ["", "For more details see loopdev(8)."]
     return "\n".join(lines)
