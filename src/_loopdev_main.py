@@ -1,14 +1,14 @@
 """Where the ``loopdev`` command starts (and ``python -m loopdev``).
 
-Outside the package on purpose: ``import loopdev`` takes ~40 ms, and Python
+Outside the package on purpose: ``import loopdev`` takes a few ms, and Python
 turns a Ctrl-C during it into a ``KeyboardInterrupt`` traceback. Importing
-this module (the console script's first import) puts the command's handling
+this module (the command script's first import) puts the command's handling
 of Ctrl-C in place before anything of loopdev is imported: Ctrl-C then ends
 the command as SIGINT ends losetup, killed by SIGINT and silent, so a shell
 script that ran it stops too (a shell goes on after a child that merely
 exits 130). Clean-up in ``finally`` blocks still runs first. Only CPython's
-own start (``site``, a few ms) and the first lines of the script an
-installer writes (``import re``) come before this module.
+own start (``site``, a few ms) and the two lines of ``scripts/loopdev`` come
+before this module.
 """
 
 import sys  # and nothing else: `from __future__` too would import a module first
