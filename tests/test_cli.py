@@ -198,6 +198,7 @@ def test_attach_options_parse() -> None:
         # getopt_long's ways: a unique start of a long name, clusters, attached values.
         (["attach", "--sizel=1K", "--read", "f.img"], {"sizelimit": 1024, "read_only": True}),
         (["attach", "-rPo4096", "f.img"], {"read_only": True, "partscan": True, "offset": 4096}),
+        (["attach", "-o=1K", "f.img"], {"offset": 1024}),
         (["attach", "-o", "-1", "f.img"], {"offset": -1}),  # the library refuses it
         (["attach", "f.img", "--show"], {"show": True, "file": "f.img"}),
         (["attach", "--", "-x.img"], {"file": "-x.img"}),

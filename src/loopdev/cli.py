@@ -755,7 +755,8 @@ def scan(
                     found.append((short, None))
                     continue
                 if j + 1 < len(arg):
-                    found.append((short, arg[j + 1 :]))
+                    # -o=4096 as argparse took it (getopt would read "=4096").
+                    found.append((short, arg[j + 2 :] if arg[j + 1] == "=" else arg[j + 1 :]))
                 elif i < len(argv):
                     found.append((short, argv[i]))
                     i += 1
