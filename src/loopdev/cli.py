@@ -703,7 +703,7 @@ def _long(options: dict[str, Arg], name: str, given: str) -> Arg:
     if found is not None:
         return found
     matches = [n for n in options if n[:2] == "--" and n.startswith(name)]
-    if len({options[n].dest for n in matches}) == 1:
+    if len({id(options[n]) for n in matches}) == 1:  # -o and --offset are one
         return options[matches[0]]
     if matches:
         raise UsageError(f"ambiguous option: {name} could match {', '.join(matches)}")
@@ -817,10 +817,7 @@ def parse(argv: Sequence[str]) -> Args:
     """The command line as ``loopdev`` reads it. ``UsageError`` (its ``command``: whose
     usage to show) where it is refused; for ``losetup``, its arguments in ``words``."""
     args = Args()
-    try:
-        _read(TOP, argv, args)
-    except UsageError as exc:
-        raise UsageError(str(exc)) from None
+    _read(TOP, argv, args)
     if args.help:
         raise _Done(help_text(None))
     if args.version:
