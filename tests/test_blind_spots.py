@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import stat
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -41,13 +41,17 @@ MiB = 1 << 20
 
 
 def _attach_while_held(
-    image: Path, body: str, during: Callable[[subprocess.Popen[str]], None]
+    image: Path,
+    body: str,
+    during: Callable[[subprocess.Popen[str], subprocess.Popen[str]], None],
+    hold: str = "0.6",
 ) -> dict[str, Any]:
     """Run a child that attaches ``image`` while another holds the next free minor with
-    O_EXCL for 0.6 s: LOOP_CONFIGURE answers EBUSY, and the attach loop retries with
-    naps (signals blocked between them) until the holder lets go. ``during(child)``
-    runs here meanwhile. ``body`` gets ``attach()`` (returning the device) and prints
-    its JSON with ``out``; the result has ``held``, the minor that was held."""
+    O_EXCL (for ``hold`` seconds, or with "stdin" until told on its stdin): LOOP_CONFIGURE
+    answers EBUSY, and the attach loop retries with naps (signals blocked between them)
+    until the holder lets go. ``during(child, holder)`` runs here meanwhile. ``body``
+    gets ``attach()`` (returning the device) and prints its JSON with ``out`` as its
+    last line; the result has ``held``, the minor that was held."""
     child = textwrap.dedent(
         """
         import json, os, signal, sys, time
@@ -59,7 +63,7 @@ def _attach_while_held(
             return loopdev.attach(sys.argv[1])
         """
     ) + textwrap.dedent(body)
-    holder = helpers.child("hold_exclusive", "0.6")
+    holder = helpers.child("hold_exclusive", hold)
     proc = None
     try:
         assert holder.stdout is not None
@@ -67,16 +71,17 @@ def _attach_while_held(
         assert line, holder.stderr.read() if holder.stderr else ""
         proc = subprocess.Popen(
             [sys.executable, "-c", child, str(image)],
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "ready", proc.communicate()
-        during(proc)
+        during(proc, holder)
         stdout, stderr = proc.communicate(timeout=60)
         assert proc.returncode == 0, stderr
-        return {**json.loads(stdout), "held": int(line[0])}
+        return {**json.loads(stdout.splitlines()[-1]), "held": int(line[0])}
     finally:
         helpers.reap(holder)
         if proc is not None and proc.poll() is None:
@@ -103,7 +108,7 @@ def test_signal_mask_is_restored_after_waiting_for_a_busy_device(
         dev.detach()
         out(before=before, after=after, waited=waited, minor=minor)
         """,
-        lambda proc: None,
+        lambda proc, holder: None,
     )
     assert got["before"] == [int(signal.SIGUSR2)]
     assert got["after"] == got["before"]
@@ -111,32 +116,91 @@ def test_signal_mask_is_restored_after_waiting_for_a_busy_device(
         assert got["waited"] > 0.1  # it did wait
 
 
-def _two_signals(proc: subprocess.Popen[str]) -> None:
-    for _ in range(2):
-        time.sleep(0.15)
-        proc.send_signal(signal.SIGUSR1)
+def _napping(pid: int) -> bool:
+    """Whether ``pid`` sleeps in poll: the attach loop's backoff nap (ppoll), the only
+    place the child sleeps in poll. From its first nap on the loop blocks signals
+    between naps, so a signal sent now interrupts this nap or the next one."""
+    try:
+        with open(f"/proc/{pid}/wchan") as f:
+            return "poll" in f.read()
+    except OSError:
+        return False
+
+
+def _read_line(fd: int, timeout: float) -> str:
+    """A line the child wrote (one write each); "" at EOF or when none came in time."""
+    got = b""
+    while not got.endswith(b"\n") and select.select([fd], [], [], timeout)[0]:
+        chunk = os.read(fd, 1)
+        if not chunk:
+            break
+        got += chunk
+    return got.decode()
+
+
+def _two_signals(proc: subprocess.Popen[str], holder: subprocess.Popen[str]) -> None:
+    """Twice: wait until the attach naps between retries, send SIGUSR1 and wait for its
+    handler to say so on stdout; then let the holder go (the child ends when its stdin
+    closes). Not sooner: a signal before the loop's first nap would be handled before
+    the attach began, or taken by Python's C-level handler during the first immediate
+    tries (signals not blocked yet) with its Python handler run only once the attach
+    returned; under load that window is long (the test failed so)."""
+    assert proc.stdout is not None and holder.stdin is not None
+    fd = proc.stdout.fileno()  # read raw: select() must see what is not read yet
+
+    def napping_or_done() -> bool:
+        return _napping(proc.pid) or bool(select.select([fd], [], [], 0)[0])
+
+    try:
+        for _ in range(2):
+            assert poll(napping_or_done, 30), "the attach never napped"
+            if not _napping(proc.pid):
+                break  # attached without waiting: another minor was freed meanwhile
+            proc.send_signal(signal.SIGUSR1)
+            assert _read_line(fd, 30) == "handled\n", "the handler did not run"
+    finally:
+        holder.stdin.write("go\n")  # the holder lets go: the attach succeeds
+        holder.stdin.flush()
 
 
 def test_signal_whose_handler_returns_does_not_end_the_attach(
     tmp_path: Path, devices: None
 ) -> None:
     """SIGUSR1 twice during the retries: the handler runs each time, the attach goes on
-    and then succeeds (the call is retried after EINTR, every time)."""
+    and then succeeds (the call is retried after EINTR, every time).
+
+    Each signal is sent while the attach naps, and the holder keeps the minor until
+    both handlers have run, however slowly this machine runs. Where the attach got
+    another minor (another process freed a lower one meanwhile) it may have ended
+    before: such a run proves nothing and is repeated."""
     image = make_image(tmp_path / "usr1.img")
-    got = _attach_while_held(
-        image,
-        """
-        seen = []
-        signal.signal(signal.SIGUSR1, lambda signum, frame: seen.append(signum))
-        dev = attach()
-        name = dev.name
-        bound = open(f"/sys/block/{name}/loop/backing_file").read().strip()
-        dev.detach()
-        out(seen=len(seen), bound=bound)
-        """,
-        _two_signals,
-    )
-    assert (got["seen"], got["bound"]) == (2, str(image))
+    for _ in range(5):
+        got = _attach_while_held(
+            image,
+            """
+            seen = []
+            def handler(signum, frame):
+                seen.append(signum)
+                print("handled", flush=True)
+            signal.signal(signal.SIGUSR1, handler)
+            dev = attach()
+            print("attached", flush=True)
+            name = dev.name
+            bound = open(f"/sys/block/{name}/loop/backing_file").read().strip()
+            minor = dev.index
+            dev.detach()
+            sys.stdin.read()  # alive until the parent is done with signals
+            out(seen=len(seen), bound=bound, minor=minor)
+            """,
+            _two_signals,
+            hold="stdin",
+        )
+        assert got["bound"] == str(image)
+        if got["minor"] == got["held"]:  # held until both handlers had run
+            assert got["seen"] == 2, got
+            break
+    else:
+        pytest.fail(f"another process freed a lower minor during each of 5 attaches: {got}")
     assert bound_under(tmp_path) == []
 
 

@@ -403,17 +403,26 @@ def test_add_and_remove(ctl: LoopControl) -> None:
 
 
 def test_setup_runs_before_configure(ctl: LoopControl, image_fd: int) -> None:
-    seen: list[Loop] = []
+    """The hook sees each candidate before loopdev configures it: unbound (``ENXIO``),
+    or bound to another file where another allocator took that minor first since
+    GET_FREE (loopdev then moves on); never bound to our file. Recorded here and
+    checked after the attach: failing inside the hook would abort the attach."""
+    seen: list[tuple[Loop, str]] = []
 
     def setup(lo: Loop) -> None:
-        with pytest.raises(OSError) as exc:
-            lo.get_status()  # not configured yet
-        assert exc.value.errno == errno.ENXIO
-        seen.append(lo)
+        try:
+            info = lo.get_status()
+        except OSError as exc:
+            assert exc.errno == errno.ENXIO, exc
+            seen.append((lo, "unbound"))
+        else:
+            ours = info.is_bound_to(os.fstat(image_fd))
+            seen.append((lo, "ours" if ours else "another file"))
 
     lo = ctl.loop_for_fd(image_fd, setup=setup, autoclear=True)
     try:
-        assert seen[-1] is lo
+        assert seen[-1][0] is lo
+        assert all(state != "ours" for _, state in seen), seen
         assert lo.is_bound_to(image_fd)
     finally:
         lo.close()
