@@ -28,14 +28,20 @@ ours() { # COMMAND...: its stdout, only the lines about our images
   return $rc
 }
 attach_chosen() { # NAME FILE: attach FILE to the device -f names (another
-  # allocator may take it first, then it is busy and -f names the next one)
-  local dev rc
+  # allocator may take it first, then it is busy and -f names the next one; a
+  # device still being released answers ENXIO). Other failures (no node for it
+  # in a static /dev) are the answer: retrying only waited 20 x 0.1 s.
+  local dev rc err
   echo "== $1"
   for _ in $(seq 20); do
     dev=$(losetup -f)
-    losetup "$dev" "$2" 2>/dev/null
+    err=$(losetup "$dev" "$2" 2>&1 >/dev/null)
     rc=$?
     [ $rc -ne 0 ] || break
+    case "$err" in
+      *"resource busy"* | *"temporarily unavailable"* | *"No such device or address"*) ;;
+      *) break ;;
+    esac
     sleep 0.1
   done
   echo "rc=$rc"
