@@ -9,6 +9,7 @@ Images live in a directory that those users can reach (pytest's tmp_path is
 from __future__ import annotations
 
 import errno
+import functools
 import glob
 import json
 import os
@@ -55,8 +56,10 @@ def out(**kw):
 """
 
 
+@functools.cache
 def unprivileged_reason() -> str | None:
-    """Why unprivileged clients cannot run here, or None."""
+    """Why unprivileged clients cannot run here, or None. Asked once per run: every
+    test with the ``space`` fixture asks, and the probe starts an interpreter."""
     if os.geteuid() != 0:
         return "the broker tests start a root server"
     if SETPRIV is None:
