@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import errno
 import json
 import os
+import pickle
 import subprocess
 import threading
 import time
@@ -76,6 +78,42 @@ def test_open_does_not_detach(image: Path) -> None:
         assert dev.info().backing_file == str(image)
         with loopdev.open(dev.index) as again:
             assert again.index == dev.index
+
+
+def test_device_info_is_one_frozen_record(image: Path) -> None:
+    """``DeviceInfo`` is built once from what the C shim read (no intermediate
+    object), and is a record like the package's others: frozen, equal and hashed
+    by value, picklable, constructed by keyword as before."""
+    with loopdev.attach(image, offset=4096, read_only=True) as dev:
+        info = dev.info()
+        fields = {field: getattr(info, field) for field in info.__match_args__}
+        assert fields == {
+            "name": dev.name,
+            "index": dev.index,
+            "backing_file": str(image),
+            "offset": 4096,
+            "sizelimit": 0,
+            "read_only": True,
+            "autoclear": True,
+            "partscan": False,
+            "direct_io": info.direct_io,
+            "block_size": 512,
+            "size": os.path.getsize(image) - 4096,
+        }
+        assert [type(v) for v in fields.values()] == [str, int, str, int, int] + [bool] * 4 + [
+            int,
+            int,
+        ]
+        again = loopdev.DeviceInfo(**fields)
+        assert again == info and hash(again) == hash(info) and repr(again) == repr(info)
+        assert pickle.loads(pickle.dumps(info)) == info and copy.copy(info) == info
+        assert info.path == dev.path and info in loopdev.devices()
+        with pytest.raises(AttributeError):
+            info.offset = 0  # type: ignore[misc]
+        with pytest.raises(AttributeError):
+            info.other = 0  # type: ignore[attr-defined]
+        with pytest.raises(TypeError):
+            loopdev.DeviceInfo(*fields.values())  # type: ignore[call-arg]
 
 
 def test_minor_is_a_deprecated_alias_of_index(image: Path) -> None:

@@ -21,6 +21,10 @@ if TYPE_CHECKING:
 
     OnOpen = Callable[[int, int], None]
     OnDiscard = Callable[[int], None]
+    # What sysfs_info answers, in DeviceInfo's field order after name and index:
+    # backing file, offset, size limit, read-only, autoclear, partscan, direct
+    # I/O, logical block size, size in bytes.
+    SysfsValues = tuple[str, int, int, bool, bool, bool, bool, int, int]
 
 LOOP_MAJOR: int = lib.LOOP_MAJOR
 BLOCK_EXT_MAJOR: int = lib.BLOCK_EXT_MAJOR  # partitions past max_part get minors here
@@ -312,41 +316,24 @@ def unmount(target: str) -> None:
         raise OSError(-err, os.strerror(-err), target)
 
 
-class SysfsInfo:
-    """One bound device as sysfs describes it (see ``struct ld_sysfs_info``)."""
-
-    __slots__ = (
-        "autoclear",
-        "backing",
-        "block_size",
-        "direct_io",
-        "offset",
-        "partscan",
-        "read_only",
-        "size",
-        "sizelimit",
-    )
-
-    def __init__(self, raw: Any) -> None:
-        self.backing = os.fsdecode(ffi.unpack(raw.backing, raw.backing_len))
-        self.offset: int = raw.offset
-        self.sizelimit: int = raw.sizelimit
-        self.size: int = raw.sectors * 512  # sysfs counts 512-byte sectors
-        self.read_only = bool(raw.read_only)
-        self.autoclear = bool(raw.autoclear)
-        self.partscan = bool(raw.partscan)
-        self.direct_io = bool(raw.direct_io)
-        self.block_size: int = raw.block_size
-
-
-def sysfs_info(name: str) -> SysfsInfo | None:
+def sysfs_info(name: str) -> SysfsValues | None:
     """What sysfs says of ``name`` (``loopN``), read in C; None when it is not bound."""
     raw = ffi.new("struct ld_sysfs_info *")
     err = lib.ld_sysfs_info(name.encode(), raw)
     if err == -errno.ENXIO:
         return None
     check(err, "sysfs", f"/sys/block/{name}")
-    return SysfsInfo(raw)
+    return (
+        os.fsdecode(ffi.unpack(raw.backing, raw.backing_len)),
+        raw.offset,
+        raw.sizelimit,
+        bool(raw.read_only),
+        bool(raw.autoclear),
+        bool(raw.partscan),
+        bool(raw.direct_io),
+        raw.block_size,
+        raw.sectors * 512,  # sysfs counts 512-byte sectors
+    )
 
 
 def force_fallback(on: bool) -> None:

@@ -9,6 +9,7 @@ import stat
 import warnings
 
 from loopdev import _engine, _native, nodes, partitions, sysfs
+from loopdev._record import Record
 from loopdev.errors import (
     BackingFileError,
     ConfigureError,
@@ -60,25 +61,24 @@ _DIO = {
     True: _native.DIRECT_IO_REQUIRED,
 }
 
-_INFO_FIELDS = (
-    "name",
-    "index",
-    "backing_file",
-    "offset",
-    "sizelimit",
-    "read_only",
-    "autoclear",
-    "partscan",
-    "direct_io",
-    "block_size",
-    "size",
-)
 
-
-class DeviceInfo:
+class DeviceInfo(Record):
     """One bound loop device, read from sysfs (the backing path in full). Read-only."""
 
-    __slots__ = _INFO_FIELDS
+    __slots__ = ()
+    __match_args__ = (
+        "name",
+        "index",
+        "backing_file",
+        "offset",
+        "sizelimit",
+        "read_only",
+        "autoclear",
+        "partscan",
+        "direct_io",
+        "block_size",
+        "size",
+    )
 
     name: str
     index: int
@@ -108,38 +108,8 @@ class DeviceInfo:
         block_size: int,
         size: int,
     ) -> None:
-        values: tuple[object, ...] = (name, index, backing_file, offset, sizelimit, read_only)
-        values += (autoclear, partscan, direct_io, block_size, size)
-        for field, value in zip(_INFO_FIELDS, values, strict=True):
-            object.__setattr__(self, field, value)
-
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError(f"DeviceInfo is read-only: cannot set {name}")
-
-    def _values(self) -> tuple[object, ...]:
-        return (
-            self.name,
-            self.index,
-            self.backing_file,
-            self.offset,
-            self.sizelimit,
-            self.read_only,
-            self.autoclear,
-            self.partscan,
-            self.direct_io,
-            self.block_size,
-            self.size,
-        )
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, DeviceInfo) and self._values() == other._values()
-
-    def __hash__(self) -> int:
-        return hash(self._values())
-
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{f}={v!r}" for f, v in zip(_INFO_FIELDS, self._values(), strict=True))
-        return f"DeviceInfo({fields})"
+        values = (name, index, backing_file, offset, sizelimit, read_only, autoclear, partscan)
+        self._values = (*values, direct_io, block_size, size)
 
     @property
     def path(self) -> str:
@@ -164,21 +134,7 @@ def _minor_deprecated(cls: str) -> None:
 def device_info(name: str) -> DeviceInfo | None:
     """What sysfs says of ``name``; None when it is not bound."""
     got = _native.sysfs_info(name)
-    if got is None:
-        return None
-    return DeviceInfo(
-        name=name,
-        index=int(name[4:]),
-        backing_file=got.backing,
-        offset=got.offset,
-        sizelimit=got.sizelimit,
-        read_only=got.read_only,
-        autoclear=got.autoclear,
-        partscan=got.partscan,
-        direct_io=got.direct_io,
-        block_size=got.block_size,
-        size=got.size,
-    )
+    return None if got is None else DeviceInfo._from_values((name, int(name[4:]), *got))
 
 
 def _loop_names() -> list[str]:
