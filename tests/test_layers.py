@@ -97,3 +97,9 @@ def test_the_cli_leaves_serve_to_the_program(capsys: pytest.CaptureFixture[str])
 
     assert cli.main(["serve", "--socket", "/nonexistent/x.sock"]) == 1
     assert "python -m loopdev serve" in capsys.readouterr().err
+    # As the CHANGELOG says: whoever embeds the CLI hands serve to the broker.
+    got: list[str | None] = []
+    assert (
+        cli.main(["serve", "--socket", "/x.sock"], serve=lambda a: got.append(a.socket) or 7) == 7
+    )
+    assert got == ["/x.sock"]
