@@ -6,7 +6,9 @@
 - compat records the backing path in ``lo_file_name``;
 - ``loopdev.open()`` does not leak its fd into a later ``detach()``;
 - typed errors for input that alone decides the outcome;
-- the binding's failures name their stage; ``errors`` words them.
+- the binding's failures name their stage; ``errors`` words them;
+- no Python callback from C on the default path: the hook trampolines run
+  only for compat's ``setup``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -28,6 +31,42 @@ from images import MiB, gpt_image, make_image, sfdisk_4k
 import loopdev
 from loopdev import _native, errors
 from loopdev.errors import BackingFileError, DeviceNodeError, LoopError
+
+
+def test_no_python_callback_from_c_on_the_default_path(tmp_path: Path, devices: None) -> None:
+    """Either face walks straight down to the ioctl: the C attach loop calls back
+    into Python (``_native.ld_py_on_open``) only where a caller passes a hook
+    (compat ``loop_for_fd(setup=...)``), seen by a profiler of this thread."""
+    from loopdev import LoopControl
+
+    image = make_image(tmp_path / "walk.img")
+    called: list[str] = []
+
+    def profile(frame: types.FrameType, event: str, arg: object) -> None:
+        if event == "call" and frame.f_code.co_name.startswith("ld_py_"):
+            called.append(frame.f_code.co_name)
+
+    fd = os.open(image, os.O_RDWR | os.O_CLOEXEC)
+    ctl = LoopControl()
+    try:
+        sys.setprofile(profile)
+        try:
+            loopdev.attach(fd, direct_io=False).detach(timeout=0)
+            loopdev.attach(fd, partscan=True).detach(timeout=0)
+            lo = ctl.loop_for_fd(fd, autoclear=True)
+            lo.clear_fd()
+            lo.close()
+            plain = list(called)
+            lo = ctl.loop_for_fd(fd, autoclear=True, setup=lambda lo: None)
+            lo.clear_fd()
+            lo.close()
+        finally:
+            sys.setprofile(None)
+    finally:
+        ctl.close()
+        os.close(fd)
+    assert plain == []
+    assert called == ["ld_py_on_open"]  # the profiler does see a callback from C
 
 
 def test_fork_during_first_attach(tmp_path: Path, devices: None) -> None:

@@ -3,6 +3,27 @@
 Every C function answers ``-errno`` on failure; here that becomes a typed
 :mod:`loopdev.errors` exception carrying the errno, the failed call or stage
 and the device and backing paths. The words and advice are ``errors``'.
+
+Three things more than a 1:1 call are here, each because only the binding can
+do it; none decides anything the caller did not ask for:
+
+- the hook trampolines (``ld_py_on_open``, ``ld_py_on_discard``): cffi's way
+  for C to call the caller's hooks, and to carry an exception a hook raised
+  back over the C frames. They are in the request only where a caller passes
+  hooks (compat ``loop_for_fd(setup=...)``): on the default path no Python
+  runs from C (test_no_python_callback_from_c_on_the_default_path);
+- ``_run_signal_handlers``: the attach loop lets signals in while it waits and
+  answers ``LD_STAGE_INTERRUPTED`` when one came. CPython runs a signal's
+  Python handler only when Python code runs, and the shim cannot call
+  ``PyErr_CheckSignals`` (cffi releases the GIL around calls), so entering an
+  empty Python function stands in for it. Then PEP 475's rule, as in the
+  ``os`` module's wrappers: the handler raises (``KeyboardInterrupt``), or the
+  call goes on (test_sigint_while_backing_off,
+  test_signal_whose_handler_returns_does_not_end_the_attach);
+- the release of a device bound by a call that an exception (a signal's,
+  raised as the call returned) cut off from its caller (``attach``'s
+  ``except``, :func:`claim`): until the binding returns the fd, no one else
+  can.
 """
 
 from __future__ import annotations
