@@ -152,7 +152,11 @@ def remove_added(minors: Iterable[int]) -> None:
 
 
 def open_fds() -> set[str]:
-    return set(os.listdir("/proc/self/fd"))
+    """This process's open fds, but loop-control and /dev, which attach() opens once
+    and keeps for the process (loopdev._engine.shared_control)."""
+    from loopdev import _engine
+
+    return set(os.listdir("/proc/self/fd")) - {str(fd) for fd in _engine.shared_fds()}
 
 
 # --- child programs -----------------------------------------------------------------------

@@ -188,12 +188,13 @@ def test_partscan_split_when_locked(tmp_path: Path, gpt: Path, devices: None) ->
 # ld_del_partitions), and the read-back after a LOOP_CONFIGURE whose request
 # shape this process saw applied before (test_read_back_once_per_shape).
 COMPAT_CYCLE_BUDGET = 9
-# attach(fd, direct_io=False).detach(timeout=0): 17, was 22. The compat cycle's
-# but the readlink (the path comes from Python), plus the backing fd's checks
-# (readlink, fstat, F_GETFL), loop-control and /dev opened and closed,
-# BLKGETDISKSEQ (identity), and the write-back (sync_file_range: data written
-# through the device reaches the backing file, or WriteBackError).
-ATTACH_DETACH_BUDGET = 17
+# attach(fd, direct_io=False).detach(timeout=0): 13, was 22 (17 before
+# loop-control and /dev stayed open per process, _engine.shared_control). The
+# compat cycle's nine, plus the backing fd's checks (fstat, F_GETFL: kind,
+# O_PATH, read-only), BLKGETDISKSEQ (identity), and the write-back
+# (sync_file_range: data written through the device reaches the backing file,
+# or WriteBackError).
+ATTACH_DETACH_BUDGET = 13
 
 
 def _cycle_calls(setup: str, cycle: str) -> list[str]:

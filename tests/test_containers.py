@@ -722,3 +722,27 @@ def body_moved_span_keeps_nodes_right(image: str) -> None:
 def test_moved_span_keeps_nodes_right(gpt: tuple[str, Spans]) -> None:
     image, _ = gpt
     nsrun.run(body_moved_span_keeps_nodes_right, image, images=[image])
+
+
+# --- a /dev mounted after the first attach ------------------------------------------------
+
+
+def body_dev_mounted_after_first_attach(image: str) -> None:
+    """attach() keeps loop-control and /dev open for the process (issue 17); a /dev
+    mounted over the first one later is still served: the device opens, and its node
+    is published in the /dev of the moment and removed again at detach."""
+    for turn in range(2):
+        before = nsrun.dev_listing()
+        dev = loopdev.attach(image)
+        nsrun.used(dev.name)
+        try:
+            nsrun.assert_opens_as(dev.path, dev.name)
+        finally:
+            dev.detach()
+        assert nsrun.dev_listing() == before, f"turn {turn}"
+        if turn == 0:
+            nsrun._make_dev("bare", loop_control=True)  # a fresh /dev over the first
+
+
+def test_dev_mounted_after_first_attach(plain_image: str) -> None:
+    nsrun.run(body_dev_mounted_after_first_attach, plain_image, images=[plain_image])

@@ -106,6 +106,44 @@ class Control:
         self.plain = _native.plain_request(self.fd, new, self.private_nodes, self.part_shift)
 
 
+# attach()'s loop-control and /dev, opened by the first attach() and kept for
+# the process (O_CLOEXEC), as a LoopControl keeps its own: opening and closing
+# them were 4 system calls and ~8 us of each attach() (issue 17). The /dev
+# handle stays with the /dev it opened when another is mounted over it later:
+# devices still open through it (where it has no node, through a private node
+# made in it), and nodes are published by path, in the /dev of the moment
+# (test_dev_mounted_after_first_attach). A forked child closes its copies and
+# opens its own at its first attach().
+_shared: dict[str, Control] = {}
+
+
+def shared_control() -> Control:
+    """The process's :class:`Control` for /dev (see above), made on first use."""
+    control = _shared.get("control")
+    if control is None:
+        mine = Control()
+        # Two threads' first attach() may meet here: setdefault keeps one (atomic).
+        control = _shared.setdefault("control", mine)
+        if control is not mine:
+            mine.close()
+    return control
+
+
+def shared_fds() -> tuple[int, ...]:
+    """The descriptors the process's Control holds (none before the first attach())."""
+    control = _shared.get("control")
+    return () if control is None else (control.fd, control.dev_dir)
+
+
+def _forget_shared() -> None:
+    control = _shared.pop("control", None)
+    if control is not None:
+        control.close()
+
+
+os.register_at_fork(after_in_child=_forget_shared)
+
+
 def _private_dir(parent: str) -> str:
     """A new root-only directory below ``parent`` (not tempfile: costly to import,
     and nothing may be imported on the attach path, see test_fork_during_first_attach)."""
@@ -261,7 +299,7 @@ def attach(
     """
     config = _block_size_for_table(backing_fd, config)
 
-    def run() -> _native.Attached:
+    def run(control: Control) -> _native.Attached:
         return _native.attach(
             control.fd,
             control.dev_dir,
@@ -271,17 +309,25 @@ def attach(
             on_open=on_open,
             on_discard=on_discard,
             private_nodes=control.private_nodes,
-            part_shift=sysfs.minor_shift(),
+            part_shift=control.part_shift,
         )
 
     try:
-        got = run()
+        got = run(control)
     except errors.DeviceNodeError as exc:
         # Nothing is bound: the node stage comes before configure.
         if exc.errno != errno.EROFS or not control.private_nodes or control._scratch:
             raise
-        control.use_scratch(node_dir)
-        got = run()
+        if control is not _shared.get("control"):
+            control.use_scratch(node_dir)
+            got = run(control)
+        else:  # not the process's: its scratch directory would outlive this call
+            scratch = Control()
+            try:
+                scratch.use_scratch(node_dir)
+                got = run(scratch)
+            finally:
+                scratch.close()
     if not config.flags & _native.LO_FLAGS_PARTSCAN and nodes.dev_is_devtmpfs():
         return got.index, got.fd  # no partitions to register, the kernel made the node
     try:

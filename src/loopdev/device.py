@@ -279,7 +279,8 @@ class LoopDevice:
             _engine.release(
                 self._fd,
                 self.index,
-                before_clear=self._remove_nodes,
+                # None without nodes of ours: one C call releases (issue 17).
+                before_clear=self._remove_nodes if self._nodes else None,
                 bound=self._bound,
                 lazy=lazy,
             )
@@ -406,8 +407,9 @@ def _validate(
         )
 
 
-def _open_backing(backing: Backing, read_only: bool) -> tuple[int, str, bool]:
-    """The backing fd, its path for messages, and whether we opened it."""
+def _open_backing(backing: Backing, read_only: bool) -> tuple[int, str | None, bool]:
+    """The backing fd, its path (None for a caller's fd: see below), and whether we
+    opened it."""
     if isinstance(backing, bool):
         raise BackingFileError(
             errno.EINVAL, f"backing must be a path or a file descriptor, not {backing!r}"
@@ -415,11 +417,10 @@ def _open_backing(backing: Backing, read_only: bool) -> tuple[int, str, bool]:
     if isinstance(backing, int):
         if backing < 0:
             raise BackingFileError(errno.EBADF, f"invalid file descriptor {backing}")
-        try:
-            path = os.readlink(f"/proc/self/fd/{backing}")
-        except OSError:
-            raise BackingFileError(errno.EBADF, f"file descriptor {backing} is not open") from None
-        return backing, path, False
+        # Its path is read where needed: for messages (_named), and for
+        # lo_file_name by the C side, which keeps it per file; a readlink of
+        # /proc/self/fd/N here cost ~5 us of every attach() (issue 17).
+        return backing, None, False
     if not os.fspath(backing):
         # abspath("") would be the working directory; losetup's wording.
         raise BackingFileError(errno.ENOENT, "failed to use backing file", backing="")
@@ -442,7 +443,7 @@ def _open_backing(backing: Backing, read_only: bool) -> tuple[int, str, bool]:
     return fd, path, True
 
 
-def _check_kind(st: os.stat_result, path: str) -> None:
+def _check_kind(st: os.stat_result, path: str | None) -> None:
     if stat.S_ISDIR(st.st_mode):
         raise BackingFileError(errno.EISDIR, "backing file is a directory", backing=path)
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
@@ -451,21 +452,31 @@ def _check_kind(st: os.stat_result, path: str) -> None:
         )
 
 
+def _named(fd: int, path: str | None) -> str | None:
+    """``path``, or where it is None (a caller's fd) the fd's path, for a message."""
+    return path if path is not None else _native.fd_path(fd)
+
+
 def _check_backing(
-    fd: int, path: str, offset: int, read_only: bool, opened: bool = True
+    fd: int, path: str | None, offset: int, read_only: bool, opened: bool = True
 ) -> os.stat_result:
     try:
         st = os.fstat(fd)
     except OSError as exc:
-        raise BackingFileError(exc.errno or errno.EBADF, "cannot stat", backing=path) from None
-    _check_kind(st, path)
+        if exc.errno == errno.EBADF and not opened:
+            raise BackingFileError(errno.EBADF, f"file descriptor {fd} is not open") from None
+        raise BackingFileError(
+            exc.errno or errno.EBADF, "cannot stat", backing=_named(fd, path)
+        ) from None
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        _check_kind(st, _named(fd, path))
     size = st.st_size if stat.S_ISREG(st.st_mode) else os.lseek(fd, 0, os.SEEK_END)
     # A 0-byte file attaches (as with losetup, which only warns).
     if offset and offset >= size:
         raise BackingFileError(
             errno.EINVAL,
             f"offset {offset} is at or past the end of the file ({size} bytes)",
-            backing=path,
+            backing=_named(fd, path),
         )
     mode = fcntl.fcntl(fd, fcntl.F_GETFL)
     if mode & _native.O_PATH:
@@ -473,12 +484,14 @@ def _check_backing(
             errno.EBADF,
             "backing fd is an O_PATH handle, which cannot be read; open the file for reading "
             "(and writing)",
-            backing=path,
+            backing=_named(fd, path),
         )
     if not read_only:
         if mode & os.O_ACCMODE == os.O_RDONLY:
             raise BackingFileError(
-                errno.EBADF, "backing fd is open read-only; pass read_only=True", backing=path
+                errno.EBADF,
+                "backing fd is open read-only; pass read_only=True",
+                backing=_named(fd, path),
             )
         # Root opens a 0444 file read-write: refused for a path (a file marked
         # read-only is not written by accident), not for a caller's read-write
@@ -487,7 +500,7 @@ def _check_backing(
             raise BackingFileError(
                 errno.EACCES,
                 "backing file has no write permission; pass read_only=True",
-                backing=path,
+                backing=_named(fd, path),
             )
     return st
 
@@ -534,13 +547,9 @@ def attach(
             _DIO[direct_io],
             file_name=path,
         )
-        control = _engine.Control()
-        try:
-            index, dev_fd = _engine.attach(
-                control, fd, config, lock=lock, node_mode=node_mode, node_dir=node_dir
-            )
-        finally:
-            control.close()
+        index, dev_fd = _engine.attach(
+            _engine.shared_control(), fd, config, lock=lock, node_mode=node_mode, node_dir=node_dir
+        )
         dev = LoopDevice(index, dev_fd, owned=True, backing_st=st)
         dev._autoclear = autoclear
         dev._bound = True
