@@ -30,7 +30,7 @@ import time
 import traceback
 from collections.abc import Callable
 
-from loopdev import _varlink
+from loopdev import _engine, _varlink
 from loopdev._broker_grant import NodeDir
 from loopdev._broker_ledger import Ledger, Peer, Policy
 from loopdev._broker_methods import HANDLERS, MAX_DETACH_TIMEOUT, Call, Service, release
@@ -403,6 +403,13 @@ def serve(
     # send its own attach() back to a broker.
     os.environ.pop("LOOPDEV_BROKER", None)
     _raise_fd_limit()
+    try:
+        # attach() keeps loop-control and /dev open for the process: opened
+        # now, so that the server holds the same descriptors before and after
+        # each request (tests/test_broker.py counts them).
+        _engine.shared_control()
+    except OSError:
+        pass  # the first attach says what is wrong
     broker = Broker(policy, node_dir=node_dir, timeout=timeout)
     try:
         listener = _activated_socket()
