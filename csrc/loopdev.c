@@ -1119,6 +1119,12 @@ int64_t ld_attach_plain(const struct ld_attach_req *base, int backing_fd, uint32
     return ((int64_t)last_res.index << 32) | (uint32_t)last_res.fd;
 }
 
+int64_t ld_attach_flags(const struct ld_attach_req *base, int backing_fd, uint32_t flags,
+                        long token)
+{
+    return ld_attach_plain(base, backing_fd, flags, 0, 0, 0, 0, token);
+}
+
 void ld_last_res(struct ld_attach_res *out)
 {
     *out = last_res;

@@ -72,6 +72,10 @@ int ld_attach(const struct ld_attach_req *req, struct ld_attach_res *res);
 int64_t ld_attach_plain(const struct ld_attach_req *base, int backing_fd, uint32_t flags,
                         uint64_t offset, uint64_t sizelimit, uint32_t block_size, int lock,
                         long token);
+/* ld_attach_plain without offset, size limit, block size or lock (the common case:
+ * four arguments fewer to convert). */
+int64_t ld_attach_flags(const struct ld_attach_req *base, int backing_fd, uint32_t flags,
+                        long token);
 void ld_last_res(struct ld_attach_res *out);
 int ld_claim(long token);
 int ld_last_stage(void);

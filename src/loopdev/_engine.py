@@ -377,9 +377,12 @@ def attach_plain(
         _token += 1
         token = _token
         try:
-            got = _native.attach_plain_raw(
-                control.plain, backing_fd, flags, offset, sizelimit, block_size, lock, token
-            )
+            if offset or sizelimit or block_size or lock:
+                got = _native.attach_plain_raw(
+                    control.plain, backing_fd, flags, offset, sizelimit, block_size, lock, token
+                )
+            else:
+                got = _native.attach_flags_raw(control.plain, backing_fd, flags, token)
         except OverflowError:  # raised before the call: nothing was done
             config = _native.Config(offset, sizelimit, block_size, flags)
             error = _native.out_of_range(config, backing_fd)
