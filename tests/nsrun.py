@@ -214,16 +214,44 @@ def bound_to(image: str) -> list[str]:
     return found
 
 
+def _clear_pending(name: str) -> bool:
+    """Whether ``name``'s binding may still go by itself: its autoclear flag is set
+    (LOOP_CLR_FD sets it where the device is open, since 3.7; the last close clears).
+    A device bound without it stays bound until someone clears it: no use waiting."""
+    try:
+        with open(f"/sys/block/{name}/loop/autoclear") as f:
+            return f.read().strip() != "0"
+    except OSError:
+        return True  # unbound or removed meanwhile: look again
+
+
+def _clear_finished(name: str) -> bool:
+    """Whether unbound ``name`` is past its clear: open() answers ENXIO while the clear
+    runs (6.x), and the kernel drops partscan's partitions before it ends that state
+    (``lo_state = Lo_unbound`` after ``bdev_disk_changed()`` in ``__loop_clr_fd``)."""
+    try:
+        fd = os.open(f"/dev/{name}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
 def wait_unbound(image: str, timeout: float = 3.0) -> list[str]:
-    """Devices still bound to ``image`` after up to ``timeout`` s (autoclear release is async)."""
+    """Devices still bound to ``image`` after up to ``timeout`` s (autoclear release is
+    async); at once where none of them has a clear pending."""
     deadline = time.monotonic() + timeout
     while (left := bound_to(image)) and time.monotonic() < deadline:
+        if not any(_clear_pending(n) for n in left):
+            break
         time.sleep(0.01)
     return left
 
 
 def stale_partitions(names: Sequence[str], timeout: float = 3.0) -> dict[str, list[str]]:
-    """Partitions still registered on those of ``names`` that are unbound.
+    """Partitions still registered on those of ``names`` that are unbound, after up to
+    ``timeout`` s; at once where each of those devices is past its clear (BLKPG's
+    partitions outlive LOOP_CLR_FD: nothing drops them later).
 
     A device another process bound meanwhile is theirs, with their partitions.
     """
@@ -231,6 +259,10 @@ def stale_partitions(names: Sequence[str], timeout: float = 3.0) -> dict[str, li
     while True:
         left = {n: parts for n in names if backing_of(n) is None and (parts := partitions_of(n))}
         if not left or time.monotonic() >= deadline:
+            return left
+        if all(_clear_finished(n) for n in left) and left == {
+            n: parts for n in left if backing_of(n) is None and (parts := partitions_of(n))
+        }:
             return left
         time.sleep(0.01)
 
