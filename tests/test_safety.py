@@ -441,11 +441,15 @@ def test_ctrl_c_early_in_a_run_is_quiet(image_plain: Path, tmp_path: Path, how: 
         time.sleep(whole * step / 16)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
-        if "Traceback" in err:  # Python's start: exit status 1 or SIGINT, its choice
+        if err:
+            # Python's own start, before loopdev's hook: its forms vary by version
+            # and moment (a traceback, "Fatal Python error: init_import_site" or
+            # "init_sys_streams", a bare "KeyboardInterrupt"; exit status 1 or
+            # SIGINT), but all are a KeyboardInterrupt with no frame of loopdev.
+            assert "KeyboardInterrupt" in err, (step, proc.returncode, err)
             assert not ours_in_traceback(err), (step, err)
         else:
             assert proc.returncode in (0, -signal.SIGINT), (step, proc.returncode, err)
-            assert not err, (step, err)
             killed_quietly += proc.returncode == -signal.SIGINT
         assert find(image_plain) == [], step
     # Not a timing figure: only that the signal met a running loopdev at least once.
