@@ -480,9 +480,11 @@ def image_plain(tmp_path: Path, devices: None) -> Path:
     [
         ({"block_size": "4096"}, ConfigureError, errno.EINVAL, "must be an int"),
         ({"offset": 1.5}, ConfigureError, errno.EINVAL, "must be an int"),
+        ({"offset": "1MiB"}, ConfigureError, errno.EINVAL, "must be an int"),
+        ({"sizelimit": "4096"}, ConfigureError, errno.EINVAL, "must be an int"),
         ({"node_dir": "FILE"}, DeviceNodeError, errno.ENOTDIR, "not a directory"),
     ],
-    ids=["block-size-str", "offset-float", "node-dir-file"],
+    ids=["block-size-str", "offset-float", "offset-str", "sizelimit-str", "node-dir-file"],
 )
 def test_wrong_types_say_what_is_wrong(
     image_plain: Path, kwargs: dict[str, object], exc: type[LoopError], code: int, text: str

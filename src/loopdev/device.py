@@ -380,6 +380,14 @@ def _validate(
     offset: int, sizelimit: int, block_size: int | None, direct_io: DirectIO, where: str | None
 ) -> None:
     """Input errors known before any device is touched."""
+    if type(offset) is not int or type(sizelimit) is not int or block_size is not None:
+        # Types first: "1MiB" < 0 would be a TypeError. Exact ints skip the loop.
+        numbers = (("offset", offset), ("size limit", sizelimit), ("block size", block_size))
+        for name, value in numbers:
+            if value is not None and (type(value) is bool or not isinstance(value, int)):
+                raise ConfigureError(
+                    errno.EINVAL, f"{name} must be an int, not {value!r}", backing=where
+                )
     if offset < 0:
         raise ConfigureError(errno.EINVAL, f"offset {offset} is negative", backing=where)
     if sizelimit < 0 or sizelimit % 512:
@@ -388,11 +396,6 @@ def _validate(
             f"size limit {sizelimit} is not a non-negative multiple of 512",
             backing=where,
         )
-    for name, value in (("offset", offset), ("size limit", sizelimit), ("block size", block_size)):
-        if value is not None and (type(value) is bool or not isinstance(value, int)):
-            raise ConfigureError(
-                errno.EINVAL, f"{name} must be an int, not {value!r}", backing=where
-            )
     if block_size is not None and block_size not in _BLOCK_SIZES:
         raise ConfigureError(
             errno.EINVAL,
