@@ -184,6 +184,14 @@ int ld_get_u64(int fd, unsigned long request, uint64_t *out)
     return ioctl(fd, request, out) < 0 ? neg_errno() : 0;
 }
 
+/* BLKGETDISKSEQ as a scalar, or -errno: attach() asks it of every device it
+ * binds, and an out-pointer filled through cffi cost more than the ioctl. */
+int64_t ld_diskseq(int fd)
+{
+    uint64_t seq;
+    return ioctl(fd, BLKGETDISKSEQ, &seq) < 0 ? neg_errno() : (int64_t)seq;
+}
+
 int ld_get_int(int fd, unsigned long request, int *out)
 {
     return ioctl(fd, request, out) < 0 ? neg_errno() : 0;
@@ -1084,10 +1092,10 @@ int ld_attach(const struct ld_attach_req *req, struct ld_attach_res *res)
 
 /* ------------------------------------------------------------ fast paths */
 
-/* The compat cycle's two native calls take scalars and answer a scalar:
- * filling a result struct from Python (cffi attribute access) cost more
- * than the calls themselves (issue 17: 59k user-space instructions a
- * cycle). Failures leave their details here, per thread, for the caller's
+/* The compat cycle's two native calls (and attach()'s, where nothing is
+ * done around them) take scalars and answer a scalar: filling a result
+ * struct from Python (cffi attribute access) cost more than the calls
+ * themselves (issue 17: 59k user-space instructions a cycle). Failures leave their details here, per thread, for the caller's
  * error path (ld_last_res). */
 static __thread struct ld_attach_res last_res;
 static __thread long last_token;
@@ -1096,11 +1104,12 @@ static __thread int last_claimed;
 /* ld_attach without hooks: (index << 32) | fd, or -errno (details in
  * ld_last_res). base: the caller's request with what stays the same from one
  * call to the next (loop-control, the node directory, private_nodes,
- * part_shift), filled once; the call's own fields are set on a copy. token:
- * the caller's number for this call, for ld_claim. */
+ * part_shift), filled once; the call's own fields are set on a copy
+ * (file_name: for lo_file_name, NULL for the backing fd's path). token: the
+ * caller's number for this call, for ld_claim. */
 int64_t ld_attach_plain(const struct ld_attach_req *base, int backing_fd, uint32_t flags,
                         uint64_t offset, uint64_t sizelimit, uint32_t block_size, int lock,
-                        long token)
+                        int direct_io, const char *file_name, long token)
 {
     struct ld_attach_req req = *base;
     int r;
@@ -1111,6 +1120,8 @@ int64_t ld_attach_plain(const struct ld_attach_req *base, int backing_fd, uint32
     req.config.sizelimit = sizelimit;
     req.config.block_size = block_size;
     req.config.flags = flags;
+    req.config.direct_io = direct_io;
+    req.config.file_name = file_name;
     last_token = token;
     last_claimed = 0;
     r = ld_attach(&req, &last_res);
@@ -1122,7 +1133,7 @@ int64_t ld_attach_plain(const struct ld_attach_req *base, int backing_fd, uint32
 int64_t ld_attach_flags(const struct ld_attach_req *base, int backing_fd, uint32_t flags,
                         long token)
 {
-    return ld_attach_plain(base, backing_fd, flags, 0, 0, 0, 0, token);
+    return ld_attach_plain(base, backing_fd, flags, 0, 0, 0, 0, 0, NULL, token);
 }
 
 void ld_last_res(struct ld_attach_res *out)

@@ -65,13 +65,14 @@ int ld_ioctl(int fd, unsigned long request, unsigned long arg);
 int ld_get_status(int fd, struct loop_info64 *info);
 int ld_set_status(int fd, const struct loop_info64 *info);
 int ld_get_u64(int fd, unsigned long request, uint64_t *out);
+int64_t ld_diskseq(int fd);
 int ld_get_int(int fd, unsigned long request, int *out);
 int ld_bind(int dev_fd, int index, int backing_fd, const struct ld_config *config, int *stage);
 int ld_attach(const struct ld_attach_req *req, struct ld_attach_res *res);
 /* The compat cycle's fast paths: scalars in, a scalar out (see loopdev.c). */
 int64_t ld_attach_plain(const struct ld_attach_req *base, int backing_fd, uint32_t flags,
                         uint64_t offset, uint64_t sizelimit, uint32_t block_size, int lock,
-                        long token);
+                        int direct_io, const char *file_name, long token);
 /* ld_attach_plain without offset, size limit, block size or lock (the common case:
  * four arguments fewer to convert). */
 int64_t ld_attach_flags(const struct ld_attach_req *base, int backing_fd, uint32_t flags,

@@ -361,30 +361,43 @@ def attach_plain(
     sizelimit: int = 0,
     block_size: int = 0,
     lock: bool = False,
+    direct_io: int = _native.DIRECT_IO_OFF,
+    file_name: str | None = None,
+    node_mode: int = 0o600,
+    node_dir: str | os.PathLike[str] | None = None,
 ) -> int:
-    """:func:`attach` without hooks, for the compat face; ``(index << 32) | fd``.
+    """:func:`attach` without hooks, for both faces; ``(index << 32) | fd``.
 
     Where there is nothing to do after the native loop (no partscan, the
     kernel makes the nodes): one C call with scalar arguments, instead of two
     structs filled field by field and three Python layers (issue 17).
     """
     if flags & _PARTSCAN or not _devtmpfs:
-        return _attach_packed(
-            control, backing_fd, _native.Config(offset, sizelimit, block_size, flags), lock
-        )
+        config = _native.Config(offset, sizelimit, block_size, flags, direct_io, file_name)
+        return _attach_packed(control, backing_fd, config, lock, node_mode, node_dir)
     global _token
+    name = _native.NULL if file_name is None else os.fsencode(file_name)
     while True:
         _token += 1
         token = _token
         try:
-            if offset or sizelimit or block_size or lock:
+            if offset or sizelimit or block_size or lock or direct_io or name:
                 got = _native.attach_plain_raw(
-                    control.plain, backing_fd, flags, offset, sizelimit, block_size, lock, token
+                    control.plain,
+                    backing_fd,
+                    flags,
+                    offset,
+                    sizelimit,
+                    block_size,
+                    lock,
+                    direct_io,
+                    name,
+                    token,
                 )
             else:
                 got = _native.attach_flags_raw(control.plain, backing_fd, flags, token)
         except OverflowError:  # raised before the call: nothing was done
-            config = _native.Config(offset, sizelimit, block_size, flags)
+            config = _native.Config(offset, sizelimit, block_size, flags, direct_io, file_name)
             error = _native.out_of_range(config, backing_fd)
             if error is None:
                 raise
@@ -395,18 +408,26 @@ def attach_plain(
         if got >= 0:
             return got
         try:
-            _native.attach_plain_failed(got, backing_fd)  # True: interrupted, go on
+            _native.attach_plain_failed(got, backing_fd, file_name)  # True: go on
         except errors.DeviceNodeError as exc:
             # As in attach(): nothing is bound, the node stage comes before configure.
             if exc.errno != errno.EROFS or not control.private_nodes or control._scratch:
                 raise
-            control.use_scratch(None)
-            config = _native.Config(offset, sizelimit, block_size, flags)
-            return _attach_packed(control, backing_fd, config, lock)
+            config = _native.Config(offset, sizelimit, block_size, flags, direct_io, file_name)
+            return _attach_packed(control, backing_fd, config, lock, node_mode, node_dir)
 
 
-def _attach_packed(control: Control, backing_fd: int, config: _native.Config, lock: bool) -> int:
-    index, fd = attach(control, backing_fd, config, lock=lock)
+def _attach_packed(
+    control: Control,
+    backing_fd: int,
+    config: _native.Config,
+    lock: bool,
+    node_mode: int,
+    node_dir: str | os.PathLike[str] | None,
+) -> int:
+    index, fd = attach(
+        control, backing_fd, config, lock=lock, node_mode=node_mode, node_dir=node_dir
+    )
     return index << 32 | fd
 
 
@@ -516,11 +537,9 @@ def write_back(dev_fd: int, index: int, fate: str) -> None:
     log as "critical space allocation error"), so a full file system under
     the backing file is recognised from its free space.
     """
-    try:
-        _native.write_back(dev_fd)  # an fsync without the backing file's (issue 17)
+    err = -_native.write_back_raw(dev_fd)  # an fsync without the backing file's (issue 17)
+    if not err:
         return
-    except OSError as exc:
-        err = exc.errno or errno.EIO
     backing = sysfs.backing_file(f"loop{index}")
     if err == errno.EIO and backing is not None and _backing_full(dev_fd, backing):
         err = errno.ENOSPC
@@ -577,7 +596,9 @@ def release(
     ``bound``: the caller attached the device and has not released it.
     """
     if before_clear is None and not lazy and _devtmpfs:
-        release_plain(dev_fd, index, bound)
+        err = _native.release_raw(dev_fd, index, bound)  # one C call (issue 17)
+        if err < 0:
+            raise _native.release_failed(err, index)
     else:
         _release_steps(dev_fd, index, before_clear, bound, lazy)
 

@@ -73,6 +73,8 @@ BLKROGET: int = lib.BLKROGET
 BLKSSZGET: int = lib.BLKSSZGET
 BLKGETSIZE64: int = lib.BLKGETSIZE64
 BLKGETDISKSEQ: int = lib.BLKGETDISKSEQ
+# For a pointer argument left empty (cffi takes no None there); false as a bool.
+NULL: object = ffi.NULL
 BLKPG_ADD_PARTITION: int = lib.BLKPG_ADD_PARTITION
 BLKPG_DEL_PARTITION: int = lib.BLKPG_DEL_PARTITION
 FS_IOC_GETFLAGS: int = lib.FS_IOC_GETFLAGS
@@ -263,12 +265,11 @@ def delete_partitions(dev_fd: int, index: int, *, bound: bool = False) -> int:
     )
 
 
-def write_back(dev_fd: int) -> None:
-    """Write what was written through the device into the backing file and wait;
-    ``OSError`` with the write-back's errno (as ``fsync`` reports it)."""
-    err = lib.ld_write_back(dev_fd)
-    if err < 0:
-        raise OSError(-err, os.strerror(-err))
+# Scalar in, scalar out, bound as they are (a wrapper cost more than the call):
+# 0 or -errno for the device's write-back into the backing file, waited for
+# (errors as fsync reports them); BLKGETDISKSEQ's value or -errno.
+write_back_raw: Callable[[int], int] = lib.ld_write_back
+diskseq_raw: Callable[[int], int] = lib.ld_diskseq
 
 
 def clear_fd_quietly(dev_fd: int) -> None:
@@ -586,7 +587,7 @@ def plain_request(ctl_fd: int, dev_dirfd: int, private_nodes: bool, part_shift: 
 # each cost more than the call itself (issue 17). The caller passes a
 # plain_request, ints and a token (see claim), and hands a negative answer
 # to attach_plain_failed or release_failed.
-attach_plain_raw: Callable[[object, int, int, int, int, int, bool, int], int]
+attach_plain_raw: Callable[[object, int, int, int, int, int, bool, int, object, int], int]
 attach_plain_raw = lib.ld_attach_plain
 # The same without offset, size limit, block size and lock: each argument cffi
 # converts costs about 90 instructions (issue 17).
@@ -615,14 +616,14 @@ def out_of_range(config: Config, backing_fd: int) -> errors.LoopError | None:
     return None
 
 
-def attach_plain_failed(err: int, backing_fd: int) -> bool:
+def attach_plain_failed(err: int, backing_fd: int, file_name: str | None = None) -> bool:
     """For ``attach_plain_raw``'s negative answer: True when a signal interrupted the
     wait and its handler let us go on (call again: nothing is bound); else raises the
     typed error."""
     res = ffi.new(_ATTACH_RES)
     lib.ld_last_res(res)
     if res.stage != lib.LD_STAGE_INTERRUPTED:
-        raise _attach_error(res, err, fd_path(backing_fd))
+        raise _attach_error(res, err, file_name or fd_path(backing_fd))
     _run_signal_handlers()  # raises (KeyboardInterrupt) or lets us go on
     return True
 

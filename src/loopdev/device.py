@@ -179,6 +179,23 @@ def find(path: str | os.PathLike[str], offset: int | None = None) -> list[Device
 class LoopDevice:
     """An attached (or opened) loop device. Leaving ``with`` detaches what we attached."""
 
+    # Slots: attach() makes one per call (issue 17); __dict__ keeps callers' own attributes.
+    __slots__ = (
+        "__dict__",
+        "__weakref__",
+        "_autoclear",
+        "_backing_st",
+        "_bound",
+        "_fd",
+        "_lease",
+        "_nodes",
+        "diskseq",
+        "index",
+        "name",
+        "owned",
+        "path",
+    )
+
     def __init__(
         self,
         index: int,
@@ -187,24 +204,25 @@ class LoopDevice:
         owned: bool,
         backing_st: os.stat_result | None = None,
         lease: Lease | None = None,
+        autoclear: bool = False,
+        bound: bool = False,
     ) -> None:
+        """``autoclear``: closing our fd releases the device (then /dev nodes go
+        too). ``bound``: attached by us, so release need not ask the kernel."""
         self._fd = -1  # first: __del__ looks at it even if __init__ failed
         self.index = index  # the N of loopN (not the minor number once max_part > 0)
         self.name = f"loop{index}"
-        self.path = _engine.device_path(index) if lease is None else lease.path
+        self.path = f"{_engine.DEV}/loop{index}" if lease is None else lease.path
         self.owned = owned
         self._lease = lease
         self._fd = fd
         self._backing_st = backing_st
         self._nodes: list[nodes.NodeSet] = []
-        # Whether closing our fd releases the device (then /dev nodes go too).
-        self._autoclear = False
-        self._bound = False  # attached by us: release need not ask the kernel
+        self._autoclear = autoclear
+        self._bound = bound
 
-        try:
-            self.diskseq: int | None = _native.get_u64(fd, _native.BLKGETDISKSEQ, device=self.path)
-        except OSError:
-            self.diskseq = None  # kernels before 5.15
+        seq = _native.diskseq_raw(fd)
+        self.diskseq: int | None = seq if seq >= 0 else None  # None: kernels before 5.15
 
     @property
     def minor(self) -> int:
@@ -542,20 +560,22 @@ def attach(
     fd, path, opened = _open_backing(backing, read_only)
     try:
         st = _check_backing(fd, path, offset, read_only, opened)
-        config = _native.Config(
+        got = _engine.attach_plain(
+            _engine.shared_control(),
+            fd,
+            _engine.flags(read_only, autoclear, partscan),
             offset,
             sizelimit,
             block_size or 0,
-            _engine.flags(read_only, autoclear, partscan),
+            lock,
             _DIO[direct_io],
-            file_name=path,
+            path,
+            node_mode,
+            node_dir,
         )
-        index, dev_fd = _engine.attach(
-            _engine.shared_control(), fd, config, lock=lock, node_mode=node_mode, node_dir=node_dir
+        dev = LoopDevice(
+            got >> 32, got & 0xFFFFFFFF, owned=True, backing_st=st, autoclear=autoclear, bound=True
         )
-        dev = LoopDevice(index, dev_fd, owned=True, backing_st=st)
-        dev._autoclear = autoclear
-        dev._bound = True
         if node_dir is not None:
             try:
                 dev._make_nodes(node_dir, node_mode)
