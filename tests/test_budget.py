@@ -315,3 +315,17 @@ def test_warning_with_logging_goes_to_the_loopdev_logger() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stderr == "loopdev WARNING read-only /dev\n"
+
+
+def test_broker_from_environment_follows_changes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """attach()'s LOOPDEV_BROKER look-up (the environment's own bytes mapping, to
+    spare os.environ.get's KeyError) sees every change made after import, also
+    undecodable bytes, and still answers where os.environ was replaced."""
+    import loopdev
+
+    monkeypatch.delenv("LOOPDEV_BROKER", raising=False)
+    assert loopdev._broker_from_environment() is None
+    monkeypatch.setenv("LOOPDEV_BROKER", "/run/b\udcff.sock")
+    assert loopdev._broker_from_environment() == "/run/b\udcff.sock"
+    monkeypatch.setattr(os, "environ", {"LOOPDEV_BROKER": "/elsewhere"})
+    assert loopdev._broker_from_environment() == "/elsewhere"
