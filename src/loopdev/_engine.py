@@ -376,12 +376,11 @@ def attach_plain(
         config = _native.Config(offset, sizelimit, block_size, flags, direct_io, file_name)
         return _attach_packed(control, backing_fd, config, lock, node_mode, node_dir)
     global _token
-    name = _native.NULL if file_name is None else os.fsencode(file_name)
     while True:
         _token += 1
         token = _token
         try:
-            if offset or sizelimit or block_size or lock or direct_io or name:
+            if offset or sizelimit or block_size or lock or direct_io or file_name is not None:
                 got = _native.attach_plain_raw(
                     control.plain,
                     backing_fd,
@@ -391,7 +390,7 @@ def attach_plain(
                     block_size,
                     lock,
                     direct_io,
-                    name,
+                    _native.NULL if file_name is None else os.fsencode(file_name),
                     token,
                 )
             else:
