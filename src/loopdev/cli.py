@@ -942,28 +942,23 @@ def _version() -> str:
 # --- serve -------------------------------------------------------------------------
 
 
-def _positive(text: str, value: _N) -> _N:
+def _positive(text: str, kind: Callable[[str], _N]) -> _N:
+    """``text`` read as ``kind`` (int or float), greater than 0 (not NaN)."""
+    try:
+        value = kind(text)
+    except ValueError:
+        value = kind("0")
     if not value > 0:  # NaN too
         raise UsageError(f"invalid value {text!r} (a positive number)")
     return value
 
 
 def _count(text: str) -> int:
-    try:
-        return _positive(text, int(text))
-    except UsageError:
-        raise
-    except ValueError:
-        return _positive(text, 0)
+    return _positive(text, int)
 
 
 def _seconds(text: str) -> float:
-    try:
-        return _positive(text, float(text))
-    except UsageError:
-        raise
-    except ValueError:
-        return _positive(text, 0.0)
+    return _positive(text, float)
 
 
 def _id(text: str, lookup: Callable[[str], int], what: str) -> int:
