@@ -77,21 +77,30 @@ static int64_t now_us(void)
  * signals are blocked and let in only while sleeping, atomically (ppoll), so
  * one that comes between two naps is not lost: Ctrl-C ends the wait, and the
  * caller returns to Python, which runs the handler. The uncontended path
- * sleeps never and pays no mask changes. */
+ * sleeps never and pays no mask changes. A signal that came before the mask
+ * was set went to Python's own handler, which only notes it (the shim cannot
+ * see that): so a call returns to the caller before its first nap, as if
+ * interrupted, and the caller, having run the handlers, calls again with
+ * resume set, which blocks signals from the start. */
 struct sigwait {
     int blocked;
     sigset_t mask;
 };
 
-static int nap_us(long us, struct sigwait *sw)
+static void block(struct sigwait *sw)
 {
-    struct timespec ts = { us / 1000000, (us % 1000000) * 1000 };
     if (!sw->blocked) {
         sigset_t all;
         sigfillset(&all);
         pthread_sigmask(SIG_BLOCK, &all, &sw->mask);
         sw->blocked = 1;
     }
+}
+
+static int nap_us(long us, struct sigwait *sw)
+{
+    struct timespec ts = { us / 1000000, (us % 1000000) * 1000 };
+    block(sw);
     return ppoll(NULL, 0, &ts, &sw->mask) < 0 && errno == EINTR ? -EINTR : 0;
 }
 
@@ -958,11 +967,21 @@ static int open_device(const struct ld_attach_req *req, struct ld_attach_res *re
 static int run_hook(const struct ld_attach_req *req, struct ld_attach_res *res,
                     struct attach_state *s, struct attempt *a)
 {
+    int r;
+
     if (!req->on_open)
         return 0;
     unblock(&s->sig);
-    if (req->on_open(req->ctx, a->index, a->fd) != 0) {
-        a->fd = -1; /* the hook has closed it */
+    r = req->on_open(req->ctx, a->index, a->fd);
+    if (req->resume)
+        block(&s->sig);
+    if (r != 0) {
+        /* -1: the hook raised and closed the fd. Else it never ran (a
+         * signal's handler raised as Python entered the trampoline): the fd
+         * is still ours. */
+        if (r != -1)
+            close(a->fd);
+        a->fd = -1;
         return fail(res, LD_STAGE_HOOK, -ECANCELED);
     }
     return 0;
@@ -1002,12 +1021,14 @@ static int bind_device(const struct ld_attach_req *req, struct ld_attach_res *re
     return r;
 }
 
-static void discard(const struct ld_attach_req *req, int fd)
+/* Nonzero: the discard hook raised (its exception goes to the caller, so
+ * the attach stops here). */
+static int discard(const struct ld_attach_req *req, int fd)
 {
     if (req->on_open)
-        req->on_discard(req->ctx, fd);
-    else
-        close(fd);
+        return req->on_discard(req->ctx, fd);
+    close(fd);
+    return 0;
 }
 
 /* One attempt: 0 done, TRANSIENT, or -errno (fatal). */
@@ -1029,8 +1050,8 @@ static int attempt_once(const struct ld_attach_req *req, struct ld_attach_res *r
         res->fd = a.fd;
         res->err = 0;
         res->stage = LD_STAGE_NONE;
-    } else if (a.fd >= 0) {
-        discard(req, a.fd);
+    } else if (a.fd >= 0 && discard(req, a.fd) != 0) {
+        r = fail(res, LD_STAGE_HOOK, -ECANCELED);
     }
     return r;
 }
@@ -1038,11 +1059,14 @@ static int attempt_once(const struct ld_attach_req *req, struct ld_attach_res *r
 /* Contention backoff (as systemd does): a few immediate retries, then a
  * random sleep whose ceiling grows from 10 ms to 250 ms, so that competing
  * allocators stop meeting on the same minor. */
-static int backoff(int attempt, unsigned *seed, struct sigwait *sw)
+static int backoff(const struct ld_attach_req *req, int attempt, unsigned *seed,
+                   struct sigwait *sw)
 {
     long ceiling_us;
     if (attempt <= 2)
         return 0;
+    if (!req->resume)
+        return -EINTR; /* back to the caller before the first nap (see struct sigwait) */
     ceiling_us = 10000L << (attempt - 3 > 5 ? 5 : attempt - 3);
     if (ceiling_us > 250000L)
         ceiling_us = 250000L;
@@ -1060,7 +1084,7 @@ static int attach_loop(const struct ld_attach_req *req, struct ld_attach_res *re
             /* Untested: a signal during a backoff nap, and the deadline
              * (30 s of lost races; the 64 attempts run out first in
              * test_exhausted_candidates_fail_within_bound). */
-            if (backoff(attempt, &s->seed, &s->sig) < 0)
+            if (backoff(req, attempt, &s->seed, &s->sig) < 0)
                 return fail(res, LD_STAGE_INTERRUPTED, -EINTR);
             if (now_us() > s->deadline)
                 break;
@@ -1077,6 +1101,7 @@ static int attach_loop(const struct ld_attach_req *req, struct ld_attach_res *re
 int ld_attach(const struct ld_attach_req *req, struct ld_attach_res *res)
 {
     struct attach_state s;
+    int retries = req->resume ? res->retries : 0; /* the rounds before the return */
     int r;
 
     memset(&s, 0, sizeof(s));
@@ -1085,6 +1110,9 @@ int ld_attach(const struct ld_attach_req *req, struct ld_attach_res *res)
     memset(res, 0, sizeof(*res));
     res->fd = -1;
     res->index = -1;
+    res->retries = retries;
+    if (req->resume)
+        block(&s.sig);
     r = attach_loop(req, res, &s);
     unblock(&s.sig);
     return r;
@@ -1114,6 +1142,10 @@ int64_t ld_attach_plain(const struct ld_attach_req *base, int backing_fd, uint32
     struct ld_attach_req req = *base;
     int r;
 
+    /* This thread's last call returned interrupted: this one is its caller's
+     * call again (or, after a raising handler, a new one that blocks signals
+     * from its start all the same, which is only slower). */
+    req.resume = last_res.stage == LD_STAGE_INTERRUPTED;
     req.backing_fd = backing_fd;
     req.lock = lock;
     req.config.offset = offset;

@@ -42,10 +42,16 @@ struct ld_attach_req {
     int lock;                   /* exclusive non-blocking flock on the device */
     int max_attempts;
     int timeout_ms;
+    int resume;                 /* 1: called again after LD_STAGE_INTERRUPTED:
+                                   signals blocked from the start, no return
+                                   before the first nap (see loopdev.c) */
     struct ld_config config;
-    /* Optional hooks; when on_open is set the hooks own the device fd. */
+    /* Optional hooks; when on_open is set the hooks own each device fd it
+     * took (0), or closed when it failed (-1); any other answer: it never
+     * took the fd. on_discard answers nonzero when it raised: the attach
+     * stops (LD_STAGE_HOOK). */
     int (*on_open)(void *ctx, int index, int fd);
-    void (*on_discard)(void *ctx, int fd);
+    int (*on_discard)(void *ctx, int fd);
     void *ctx;
 };
 

@@ -348,6 +348,87 @@ sys.exit(3)
     assert wait_unbound(str(tmp_path)) == []
 
 
+# How each way in reaches the attach loop: the compat cycle's scalar call, attach()'s
+# (with lo_file_name), and the request struct (compat with a setup hook).
+_ATTACH_CALLS = {
+    "compat": "LoopControl().loop_for_fd(fd, autoclear=True)",
+    "attach": "loopdev.attach(fd, direct_io=False)",
+    "setup": "LoopControl().loop_for_fd(fd, autoclear=True, setup=lambda lo: None)",
+}
+
+
+@pytest.mark.parametrize("api", sorted(_ATTACH_CALLS))
+def test_sigint_in_the_first_rounds(
+    faults_lib: Path, tmp_path: Path, image: Path, api: str
+) -> None:
+    """SIGINT that lands in the first, immediate rounds (the first configure sends it
+    and answers EBUSY, as do all after it): KeyboardInterrupt at once, not when the
+    backoff gives up seconds later, and nothing bound. The signal reaches Python's
+    handler while the loop runs with the caller's mask, before the first nap."""
+    child = f"""
+import os, sys, time
+import loopdev
+from loopdev import LoopControl
+fd = os.open({str(image)!r}, os.O_RDWR | os.O_CLOEXEC)
+try:
+    {_ATTACH_CALLS[api]}
+except KeyboardInterrupt:
+    print(time.monotonic_ns(), flush=True)
+    sys.exit(0)
+sys.exit(3)
+"""
+    log = tmp_path / "faults.log"
+    busy = ioctl(_native.LOOP_CONFIGURE, "EBUSY", None)
+    env = dict(os.environ)
+    env.update(
+        LD_PRELOAD=str(faults_lib),
+        LOOPDEV_FAULTS=f"{ioctl(_native.LOOP_CONFIGURE, 'sigint+EBUSY')};{busy}",
+        LOOPDEV_FAULTS_LOG=str(log),
+        LOOPDEV_FORCE_FALLBACK="0",
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", child], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    raised = int(done.stdout)
+    sent = min(int(line.split()[2]) for line in log.read_text().splitlines() if line[0] == "0")
+    assert (raised - sent) / 1e9 < 0.1, (
+        f"KeyboardInterrupt {(raised - sent) / 1e9:.3f} s after SIGINT"
+    )
+    assert wait_unbound(str(tmp_path)) == []
+
+
+def test_sigint_as_the_setup_hook_is_entered(faults_lib: Path, image: Path) -> None:
+    """SIGINT as the device opens, so that it is pending when C calls the setup
+    hook's trampoline: Python raises it there, before the hook runs. The attach
+    stops with KeyboardInterrupt, the fd the hook never took is closed, nothing is
+    bound. (Before, cffi printed "Exception ignored" and took the hook as done.)"""
+    child = f"""
+import os, sys
+from loopdev import LoopControl
+fd = os.open({str(image)!r}, os.O_RDWR | os.O_CLOEXEC)
+ctl = LoopControl()
+before = os.listdir("/proc/self/fd")
+try:
+    ctl.loop_for_fd(fd, autoclear=False, setup=lambda lo: None)
+except KeyboardInterrupt:
+    print(sorted(os.listdir("/proc/self/fd")) == sorted(before), flush=True)
+    sys.exit(0)
+sys.exit(3)
+"""
+    env = dict(os.environ)
+    env.update(
+        LD_PRELOAD=str(faults_lib),
+        LOOPDEV_FAULTS=str(Fault("open", "loop[0-9]*", "sigint")),
+        LOOPDEV_FORCE_FALLBACK="0",
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", child], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (0, "True\n", "")
+    assert wait_unbound(str(image.parent)) == []
+
+
 # --- every fatal errno fails at once --------------------------------------------------
 
 

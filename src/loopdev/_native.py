@@ -9,7 +9,8 @@ do it; none decides anything the caller did not ask for:
 
 - the hook trampolines (``ld_py_on_open``, ``ld_py_on_discard``): cffi's way
   for C to call the caller's hooks, and to carry an exception a hook raised
-  back over the C frames. They are in the request only where a caller passes
+  (or a signal's handler raised as the trampoline was entered) back over the
+  C frames. They are in the request only where a caller passes
   hooks (compat ``loop_for_fd(setup=...)``): on the default path no Python
   runs from C (test_no_python_callback_from_c_on_the_default_path);
 - ``_run_signal_handlers``: the attach loop lets signals in while it waits and
@@ -18,7 +19,10 @@ do it; none decides anything the caller did not ask for:
   ``PyErr_CheckSignals`` (cffi releases the GIL around calls), so entering an
   empty Python function stands in for it. Then PEP 475's rule, as in the
   ``os`` module's wrappers: the handler raises (``KeyboardInterrupt``), or the
-  call goes on (test_sigint_while_backing_off,
+  call goes on, with signals blocked from its start (``resume``: the loop also
+  comes back once before its first nap, for a signal Python's handler took
+  while the mask was the caller's) (test_sigint_while_backing_off,
+  test_sigint_in_the_first_rounds,
   test_signal_whose_handler_returns_does_not_end_the_attach);
 - the release of a device bound by a call that an exception (a signal's,
   raised as the call returned) cut off from its caller (``attach``'s
@@ -472,7 +476,18 @@ class _Hooks:
         self.error: BaseException | None = None
 
 
-@ffi.def_extern()  # type: ignore[untyped-decorator]
+def _trampoline_raised(exc_type: Any, exc: BaseException, tb: Any) -> None:
+    """A trampoline raised before its hook ran: a signal's handler runs as Python
+    enters a function, before any try in it. Hand the exception to attach()'s
+    caller like a hook's own; C gets the trampoline's ``error`` answer."""
+    if tb is not None:  # cffi's rule: tb_frame is the trampoline's, with its arguments
+        hooks: _Hooks = ffi.from_handle(tb.tb_frame.f_locals["ctx"])
+        hooks.error = hooks.error or exc
+
+
+# on_open answers -1 where the hook raised (and closed the fd), -2 where it
+# never ran (the fd is C's to close).
+@ffi.def_extern(error=-2, onerror=_trampoline_raised)  # type: ignore[untyped-decorator]
 def ld_py_on_open(ctx: Any, index: int, fd: int) -> int:
     hooks: _Hooks = ffi.from_handle(ctx)
     try:
@@ -483,13 +498,17 @@ def ld_py_on_open(ctx: Any, index: int, fd: int) -> int:
     return 0
 
 
-@ffi.def_extern()  # type: ignore[untyped-decorator]
-def ld_py_on_discard(ctx: Any, fd: int) -> None:
+# -1 where the hook raised, or never ran (the fd then stays with the object its
+# on_open made, compat's Loop, which closes it when dropped): the attach stops.
+@ffi.def_extern(error=-1, onerror=_trampoline_raised)  # type: ignore[untyped-decorator]
+def ld_py_on_discard(ctx: Any, fd: int) -> int:
     hooks: _Hooks = ffi.from_handle(ctx)
     try:
         hooks.on_discard(fd)
     except BaseException as exc:
         hooks.error = hooks.error or exc
+        return -1
+    return 0
 
 
 def _run_signal_handlers() -> None:
@@ -551,10 +570,12 @@ def attach(
         req.ctx = handle
     try:
         err = lib.ld_attach(req, res)
-        # Interrupted while waiting, nothing bound: run the signal's handler,
-        # which raises (KeyboardInterrupt) or lets us go on.
+        # Interrupted (or back before its first nap), nothing bound: run the
+        # signals' handlers, which raise (KeyboardInterrupt) or let us go on,
+        # with signals blocked from the start of the next call.
         while res.stage == lib.LD_STAGE_INTERRUPTED:
             _run_signal_handlers()
+            req.resume = 1
             err = lib.ld_attach(req, res)
     except BaseException:
         # A signal's exception raised as the call returned, before anyone
@@ -564,6 +585,8 @@ def attach(
             os.close(res.fd)
         raise
     if hooks is not None and hooks.error is not None:
+        if err >= 0:  # bound all the same (a discard hook raised): unbind; the hook's
+            clear_fd_quietly(res.fd)  # object has the fd and closes it
         raise hooks.error
     if err < 0:
         raise _attach_error(res, err, config.file_name or fd_path(backing_fd))

@@ -18,6 +18,9 @@
  *           drop_partscan: make LOOP_CONFIGURE with LO_FLAGS_PARTSCAN cleared in
  *                  a copy of its argument (vanilla 5.8 ignored it too)
  *           count: change nothing; only log the call
+ *           sigint+ERRNO: send SIGINT to the process, then fail the call with
+ *                  ERRNO (a Ctrl-C that lands in the middle of a lost race)
+ *           sigint: send SIGINT to the process, then make the call
  *   COUNT   how many matching calls the action applies to; the rest pass.
  *           '*': every one.
  * The first rule that matches a call and still has count left applies to it.
@@ -43,6 +46,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <fnmatch.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -56,14 +60,14 @@
 #include <linux/loop.h>
 
 enum call { CALL_OPEN, CALL_IOCTL, CALL_FLOCK };
-enum action { ACT_ERRNO, ACT_DROP_SIZELIMIT, ACT_DROP_PARTSCAN, ACT_COUNT };
+enum action { ACT_ERRNO, ACT_SIGINT, ACT_DROP_SIZELIMIT, ACT_DROP_PARTSCAN, ACT_COUNT };
 
 struct rule {
     enum call call;
     char pattern[128];          /* open, flock */
     unsigned long request;      /* ioctl */
     enum action action;
-    int err;                    /* ACT_ERRNO */
+    int err;                    /* ACT_ERRNO, ACT_SIGINT */
     long count;                 /* -1: every call */
     long applied;               /* atomic */
 };
@@ -136,6 +140,13 @@ static void parse_rule(char *text, struct rule *r)
             die("drop_partscan is for LOOP_CONFIGURE", copy);
     } else if (strcmp(f[2], "count") == 0) {
         r->action = ACT_COUNT;
+    } else if (strcmp(f[2], "sigint") == 0) {
+        r->action = ACT_SIGINT; /* err 0: the call is made */
+    } else if (strncmp(f[2], "sigint+", 7) == 0) {
+        r->action = ACT_SIGINT;
+        r->err = parse_errno(f[2] + 7);
+        if (r->err < 0)
+            die("unknown errno after sigint+", copy);
     } else {
         r->action = ACT_ERRNO;
         r->err = parse_errno(f[2]);
@@ -248,6 +259,15 @@ static int done(const struct verdict *v, int ret)
     return ret;
 }
 
+/* For a sigint rule: send the signal; nonzero when the call is to be made. */
+static int signal_first(const struct verdict *v)
+{
+    if (v->chosen < 0 || rules[v->chosen].action != ACT_SIGINT)
+        return 0;
+    kill(getpid(), SIGINT);
+    return rules[v->chosen].err == 0;
+}
+
 /* Fail the call with the chosen rule's errno. */
 static int fail(const struct verdict *v)
 {
@@ -289,7 +309,7 @@ static int (*real_openat64)(int, const char *, int, ...);
             va_end(ap);                                                                          \
         }                                                                                        \
         decide(&v, CALL_OPEN, base_name(path), 0, 1);                                            \
-        if (v.chosen >= 0)                                                                       \
+        if (v.chosen >= 0 && !signal_first(&v))                                                  \
             return fail(&v);                                                                     \
         return done(&v, REAL(name) args);                                                        \
     }
@@ -316,9 +336,9 @@ int ioctl(int fd, unsigned long request, ...)
     va_end(ap);
 
     decide(&v, CALL_IOCTL, NULL, request, arg != 0);
-    if (v.chosen < 0)
+    if (v.chosen < 0 || signal_first(&v))
         return done(&v, REAL(ioctl)(fd, request, arg));
-    if (rules[v.chosen].action == ACT_ERRNO)
+    if (rules[v.chosen].action == ACT_ERRNO || rules[v.chosen].action == ACT_SIGINT)
         return fail(&v);
     if (rules[v.chosen].action == ACT_DROP_PARTSCAN) {
         struct loop_config config = *(const struct loop_config *)arg;
@@ -347,7 +367,7 @@ int flock(int fd, int operation)
     len = readlink(link, target, sizeof(target) - 1);
     target[len > 0 ? len : 0] = '\0';
     decide(&v, CALL_FLOCK, base_name(target), 0, 1);
-    if (v.chosen >= 0)
+    if (v.chosen >= 0 && !signal_first(&v))
         return fail(&v);
     return done(&v, REAL(flock)(fd, operation));
 }
