@@ -132,10 +132,15 @@ def test_writes_survive_a_reader_holding_the_device(
             assert bound_under(str(tmp_path)) == [dev.name]  # still held, still bound
             _let_go(holder)
         else:
-            threading.Timer(0.3, lambda: _let_go(holder)).start()
+            letting_go = threading.Timer(0.3, lambda: _let_go(holder))
+            letting_go.start()
             start = time.monotonic()
             dev.detach(timeout=10)
             assert time.monotonic() - start >= 0.25
+            # The holder closed the device; let it finish exiting before the
+            # fixture's teardown kills what is left (CI saw it killed: -9).
+            letting_go.join()
+            assert holder.returncode == 0
     else:
         ctl = LoopControl()
         fd = os.open(image, os.O_RDWR | os.O_CLOEXEC)
