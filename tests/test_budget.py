@@ -285,7 +285,7 @@ def _read_backs(calls: list[str]) -> list[str]:
 
 # Each cost more at import than the rest of loopdev together; none is needed at run
 # time (issue 17: logging alone was 13 ms of ``import loopdev``'s 18).
-_HEAVY = ("logging", "typing", "dataclasses", "re", "enum", "collections")
+_HEAVY = ("logging", "typing", "dataclasses", "re", "enum", "collections", "warnings")
 
 
 def test_import_loads_nothing_heavy() -> None:
