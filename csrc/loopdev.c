@@ -1059,15 +1059,16 @@ static int attempt_once(const struct ld_attach_req *req, struct ld_attach_res *r
 /* Contention backoff (as systemd does): a few immediate retries, then a
  * random sleep whose ceiling grows from 10 ms to 250 ms, so that competing
  * allocators stop meeting on the same minor. */
+#define FIRST_NAP 3 /* the attempt that naps first */
 static int backoff(const struct ld_attach_req *req, int attempt, unsigned *seed,
                    struct sigwait *sw)
 {
     long ceiling_us;
-    if (attempt <= 2)
+    if (attempt < FIRST_NAP)
         return 0;
     if (!req->resume)
         return -EINTR; /* back to the caller before the first nap (see struct sigwait) */
-    ceiling_us = 10000L << (attempt - 3 > 5 ? 5 : attempt - 3);
+    ceiling_us = 10000L << (attempt - FIRST_NAP > 5 ? 5 : attempt - FIRST_NAP);
     if (ceiling_us > 250000L)
         ceiling_us = 250000L;
     return nap_us(1000 + (long)(rand_r(seed) % ceiling_us), sw);
@@ -1077,13 +1078,14 @@ static int attach_loop(const struct ld_attach_req *req, struct ld_attach_res *re
                        struct attach_state *s)
 {
     int attempts = req->max_attempts > 0 ? req->max_attempts : 64;
-    for (int attempt = 0; attempt < attempts; attempt++) {
+    /* A call again after an interruption goes on where the backoff was: its
+     * first step is a nap (with signals blocked since the start). */
+    for (int attempt = req->resume ? FIRST_NAP : 0; attempt < attempts; attempt++) {
         int r;
         if (attempt > 0) {
             res->retries++;
-            /* Untested: a signal during a backoff nap, and the deadline
-             * (30 s of lost races; the 64 attempts run out first in
-             * test_exhausted_candidates_fail_within_bound). */
+            /* Untested: the deadline (30 s of lost races; the 64 attempts run
+             * out first in test_exhausted_candidates_fail_within_bound). */
             if (backoff(req, attempt, &s->seed, &s->sig) < 0)
                 return fail(res, LD_STAGE_INTERRUPTED, -EINTR);
             if (now_us() > s->deadline)
@@ -1142,10 +1144,9 @@ int64_t ld_attach_plain(const struct ld_attach_req *base, int backing_fd, uint32
     struct ld_attach_req req = *base;
     int r;
 
-    /* This thread's last call returned interrupted: this one is its caller's
-     * call again (or, after a raising handler, a new one that blocks signals
-     * from its start all the same, which is only slower). */
-    req.resume = last_res.stage == LD_STAGE_INTERRUPTED;
+    /* The caller's call again (same token) after this thread's last call
+     * returned interrupted. */
+    req.resume = last_res.stage == LD_STAGE_INTERRUPTED && token == last_token;
     req.backing_fd = backing_fd;
     req.lock = lock;
     req.config.offset = offset;

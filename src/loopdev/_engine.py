@@ -376,9 +376,9 @@ def attach_plain(
         config = _native.Config(offset, sizelimit, block_size, flags, direct_io, file_name)
         return _attach_packed(control, backing_fd, config, lock, node_mode, node_dir)
     global _token
+    _token += 1
+    token = _token  # the same for a call again after an interruption (C resumes)
     while True:
-        _token += 1
-        token = _token
         try:
             if offset or sizelimit or block_size or lock or direct_io or file_name is not None:
                 got = _native.attach_plain_raw(
