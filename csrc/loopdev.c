@@ -1125,8 +1125,9 @@ int ld_attach(const struct ld_attach_req *req, struct ld_attach_res *res)
 /* The compat cycle's two native calls (and attach()'s, where nothing is
  * done around them) take scalars and answer a scalar: filling a result
  * struct from Python (cffi attribute access) cost more than the calls
- * themselves (issue 17: 59k user-space instructions a cycle). Failures leave their details here, per thread, for the caller's
- * error path (ld_last_res). */
+ * themselves (issue 17: 59k user-space instructions a cycle). Failures
+ * leave their details here, per thread, for the caller's error path
+ * (ld_last_res). */
 static __thread struct ld_attach_res last_res;
 static __thread long last_token;
 static __thread int last_claimed;

@@ -594,10 +594,8 @@ def release(
     ``before_clear`` runs between the two (nodes go before the device).
     ``bound``: the caller attached the device and has not released it.
     """
-    if before_clear is None and not lazy and _devtmpfs:
-        err = _native.release_raw(dev_fd, index, bound)  # one C call (issue 17)
-        if err < 0:
-            raise _native.release_failed(err, index)
+    if before_clear is None and not lazy:
+        release_plain(dev_fd, index, bound)  # one C call where /dev is a devtmpfs
     else:
         _release_steps(dev_fd, index, before_clear, bound, lazy)
 

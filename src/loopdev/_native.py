@@ -585,9 +585,7 @@ def attach(
             os.close(res.fd)
         raise
     if hooks is not None and hooks.error is not None:
-        if err >= 0:  # bound all the same (a discard hook raised): unbind; the hook's
-            clear_fd_quietly(res.fd)  # object has the fd and closes it
-        raise hooks.error
+        raise hooks.error  # a hook that raised stopped the attach: nothing is bound
     if err < 0:
         raise _attach_error(res, err, config.file_name or fd_path(backing_fd))
     return Attached(res.index, res.fd, res.retries)

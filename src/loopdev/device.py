@@ -215,7 +215,7 @@ class LoopDevice:
         self._fd = -1  # first: __del__ looks at it even if __init__ failed
         self.index = index  # the N of loopN (not the minor number once max_part > 0)
         self.name = f"loop{index}"
-        self.path = f"{_engine.DEV}/loop{index}" if lease is None else lease.path
+        self.path = _engine.device_path(index) if lease is None else lease.path
         self.owned = owned
         self._lease = lease
         self._fd = fd
