@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import inspect
 import os
 import stat
 import subprocess
@@ -85,6 +86,26 @@ def test_loop_for_fd_configures(ctl: LoopControl, image_fd: int, configure_path:
     finally:
         lo.close()
     assert lo.fd == -1 and lo.devname == "<closed>"
+
+
+def test_loop_for_fd_takes_configures_keywords_in_its_order(
+    ctl: LoopControl, image_fd: int
+) -> None:
+    """By position too (offset, sizelimit, blocksize, autoclear, partscan, read_only,
+    as Loop.configure), and with a Loop that has no on_close of its own yet."""
+    lo = ctl.loop_for_fd(image_fd, False, None, 1 << 20, 4 << 20, 4096, True, False, True)
+    try:
+        info = lo.get_status()
+        assert (info.lo_offset, info.lo_sizelimit) == (1 << 20, 4 << 20)
+        assert info.autoclear and info.lo_flags & Loop.LO_FLAGS_READ_ONLY
+        assert not info.lo_flags & Loop.LO_FLAGS_PARTSCAN
+        assert sysfs(lo, "queue/logical_block_size") == "4096"
+        assert lo.on_close is None
+    finally:
+        lo.close()
+    assert lo.on_close is None
+    params = list(inspect.signature(LoopControl.loop_for_fd).parameters)
+    assert params[4:] == list(inspect.signature(Loop.configure).parameters)[2:]
 
 
 def test_configure_partscan_flag(ctl: LoopControl, image_fd: int, configure_path: str) -> None:

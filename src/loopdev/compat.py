@@ -47,18 +47,20 @@ class Loop:
 
     # Slots for what every Loop holds (each Loop is made and dropped once per
     # compat cycle: issue 17), and a __dict__ so that callers may still hang
-    # their own attributes on it, as on the classic module's.
-    __slots__ = ("__dict__", "__weakref__", "_autoclear", "_bound", "fd", "minor")
+    # their own attributes on it, as on the classic module's. on_close is a
+    # slot too, not a class default: Python 3.11 specialises no load of a
+    # class attribute through an instance (190 instructions in close()).
+    __slots__ = ("__dict__", "__weakref__", "_autoclear", "_bound", "fd", "minor", "on_close")
 
     fd: int
     minor: int
     _autoclear: bool  # released by our close() only if we set autoclear
     _bound: bool  # bound by us and not cleared: spares a kernel query on clear
-    # A class default: a Loop gets its own only when a caller sets one.
-    on_close: Callable[[Loop], object] | None = None
+    on_close: Callable[[Loop], object] | None
 
     def __init__(self, minor: int, dir_fd: int | None = None) -> None:
         self.fd = -1  # first: __del__ looks at it even if __init__ failed
+        self.on_close = None
         self.minor = minor
         self._autoclear = False
         self._bound = False
@@ -254,12 +256,17 @@ class Loop:
 def _adopt(index: int, fd: int, autoclear: bool) -> Loop:
     """A ``Loop`` around a device fd the native attach loop opened, checked and bound;
     takes ownership. Not ``Loop(...)``: its ``__init__`` opens the device."""
-    lo = Loop.__new__(Loop)
+    lo = _new(Loop)
     lo.fd = fd
+    lo.on_close = None
     lo.minor = index
     lo._autoclear = autoclear
     lo._bound = True
     return lo
+
+
+# Loop.__new__ looked up on each call is a load Python 3.11 does not specialise.
+_new = object.__new__
 
 
 class LoopControl:
@@ -303,7 +310,6 @@ class LoopControl:
         fd: int,
         lock: bool = False,
         setup: Callable[[Loop], object] | None = None,
-        *,
         offset: int | None = None,
         sizelimit: int | None = None,
         blocksize: int | None = 0,
@@ -313,30 +319,34 @@ class LoopControl:
     ) -> Loop:
         """Get a free device, bind it to ``fd`` and configure it.
 
-        The keywords are those of :meth:`Loop.configure`. Transient kernel
-        races are retried (bounded); a failure never leaves a device bound.
+        The keywords are those of :meth:`Loop.configure`, in its order (not
+        keyword-only: Python looks up each missing keyword-only default in a
+        dict, 610 instructions of the compat cycle). Transient kernel races are
+        retried (bounded); a failure never leaves a device bound.
         """
         control = self._control
         if control.fd < 0:
             raise RuntimeError("LoopControl is closed")
         if fd < 0:
             raise ValueError(f"Invalid file descriptor '{fd}'")
-        # Inline, not _engine.flags: this is the hot path (issue 17).
-        flags = (
-            (_READ_ONLY if read_only else 0)
-            | (_AUTOCLEAR if autoclear else 0)
-            | (_PARTSCAN if partscan else 0)
-        )
+        # Inline, not _engine.flags, and no | where a flag is not asked for:
+        # this is the hot path (issue 17).
+        flags = _AUTOCLEAR if autoclear else 0
+        if read_only:
+            flags |= _READ_ONLY
+        if partscan:
+            flags |= _PARTSCAN
         offset, sizelimit, blocksize = offset or 0, sizelimit or 0, blocksize or 0
         if setup is not None:
             config = _native.Config(offset, sizelimit, blocksize, flags)
             return self._attach_with_setup(fd, config, lock, setup)
         got = _engine.attach_plain(control, fd, flags, offset, sizelimit, blocksize, lock)
         # _adopt's work inline: a call's frame is 2 % of the cycle (issue 17).
-        lo = Loop.__new__(Loop)
+        lo = _new(Loop)
         lo.fd = got & 0xFFFFFFFF
+        lo.on_close = None
         lo.minor = got >> 32
-        lo._autoclear = flags & _AUTOCLEAR != 0
+        lo._autoclear = True if autoclear else False
         lo._bound = True
         return lo
 
