@@ -263,11 +263,14 @@ static int sysfs_block_fd(void)
     return cur;
 }
 
+static void crc32_init(void);
+
 /* Opened at import (loopdev._native), so that the descriptor is there from
  * the start and not a surprise to code counting its open fds later. */
 void ld_init(void)
 {
     sysfs_block_fd();
+    crc32_init();
 }
 
 struct part_span {
@@ -1293,4 +1296,32 @@ int ld_sysfs_info(const char *name, struct ld_sysfs_info *out)
     if (r == -ENOENT || r == -ENODEV || r == -ENOTDIR || (r >= 0 && out->backing_len == 0))
         return -ENXIO;
     return r < 0 ? r : 0;
+}
+
+/* ------------------------------------------------------------------ crc32 */
+
+/* CRC-32 as zlib's crc32() and the kernel's efi_crc32() compute it for a GPT
+ * (reflected polynomial 0xEDB88320, all ones in and out): here because
+ * importing zlib cost 0.3 ms of `import loopdev` (issue 17). A byte at a time
+ * through a table: 15-20 us for a 16 KiB entry array. */
+static uint32_t crc32_table[256];
+
+static void crc32_init(void)
+{
+    for (uint32_t n = 0; n < 256; n++) {
+        uint32_t c = n;
+        for (int k = 0; k < 8; k++)
+            c = c & 1 ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+        crc32_table[n] = c;
+    }
+}
+
+uint32_t ld_crc32(const char *data, size_t len)
+{
+    const unsigned char *p = (const unsigned char *)data;
+    uint32_t c = 0xFFFFFFFFu;
+
+    while (len--)
+        c = crc32_table[(c ^ *p++) & 0xFF] ^ (c >> 8);
+    return c ^ 0xFFFFFFFFu;
 }

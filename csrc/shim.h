@@ -93,8 +93,10 @@ int ld_del_partitions(int dev_fd, int index, int bound);
 /* The device's dirty pages into the backing file, waited for (errors as fsync). */
 int ld_write_back(int fd);
 void ld_force_fallback(int on);
-/* Process-wide set-up: the cached handle on sysfs's block directory. */
+/* Process-wide set-up: the cached handle on sysfs's block directory, the CRC table. */
 void ld_init(void);
+/* CRC-32 of a GPT header or entry array (zlib's crc32(0, data, len)). */
+uint32_t ld_crc32(const char *data, size_t len);
 /* loopN through a node of our own in a fresh directory below dirfd, unlinked
  * before returning the fd; oflags: O_RDONLY or O_RDWR. */
 int ld_open_private(int dirfd, int index, int part_shift, int oflags);

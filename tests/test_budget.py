@@ -284,8 +284,11 @@ def _read_backs(calls: list[str]) -> list[str]:
 # --- import -------------------------------------------------------------------------------
 
 # Each cost more at import than the rest of loopdev together; none is needed at run
-# time (issue 17: logging alone was 13 ms of ``import loopdev``'s 18).
+# time (issue 17: logging alone was 13 ms of ``import loopdev``'s 18). Then modules of
+# 0.3 ms each (a shared library to load), a sixth of the import's 5 ms budget: the GPT
+# parser reads its fields with int.from_bytes and its CRC from the C shim instead.
 _HEAVY = ("logging", "typing", "dataclasses", "re", "enum", "collections", "warnings")
+_HEAVY += ("struct", "zlib", "bisect")
 
 
 def test_import_loads_nothing_heavy() -> None:

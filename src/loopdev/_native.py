@@ -276,6 +276,12 @@ write_back_raw: Callable[[int], int] = lib.ld_write_back
 diskseq_raw: Callable[[int], int] = lib.ld_diskseq
 
 
+def crc32(data: bytes) -> int:
+    """CRC-32 as ``zlib.crc32(data)`` computes it (for the GPT parser)."""
+    crc: int = lib.ld_crc32(data, len(data))
+    return crc
+
+
 def clear_fd_quietly(dev_fd: int) -> None:
     """``LOOP_CLR_FD`` for error paths: the failure being handled matters more."""
     lib.ld_ioctl(dev_fd, LOOP_CLR_FD, 0)

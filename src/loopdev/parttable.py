@@ -13,10 +13,9 @@ written for.
 from __future__ import annotations
 
 import os
-import struct
-import zlib
 from codecs import utf_16_le_decode
 
+from loopdev import _native
 from loopdev._record import Record
 from loopdev.errors import PartitionTableError
 
@@ -114,24 +113,14 @@ _ZERO_GUID = bytes(16)
 _EMPTY_NAME = bytes(72)
 _ZERO_CRC = bytes(4)
 
-# boot flag, (CHS), type, (CHS), first LBA, number of sectors
-_MBR_ENTRY = struct.Struct("<B3xB3xII")
+# Fields read with int.from_bytes, not the struct module: importing struct
+# cost 0.3 ms of `import loopdev` (issue 17). Every buffer read here is long
+# enough: a sector, a header block or the entry array, checked by the callers.
 _MbrEntry = tuple[int, int, int, int]
-_U32 = struct.Struct("<I")
-# signature, revision, header size, header CRC, reserved, my LBA, alternate
-# LBA, first usable, last usable, disk GUID, entries LBA, entry count, entry
-# size, entries CRC
-_GPT_HEADER = struct.Struct("<8sIIIIQQQQ16sQIII")
-# GUIDs are mixed-endian: the first three fields little-endian, the last
-# eight bytes as stored.  Re-packing them big-endian makes one hex() call
-# give the canonical digit order.
-_GPT_GUID_LE = struct.Struct("<IHH8s")
-_GPT_GUID_BE = struct.Struct(">IHH8s")
-# first LBA, last LBA, (attributes), name
-_GPT_ENTRY_REST = struct.Struct("<32xQQ8x72s")
 
 
-# struct answers tuple[Any, ...]: these give each layout its field types.
+def _le(raw: bytes, start: int, end: int) -> int:
+    return int.from_bytes(raw[start:end], "little")
 
 
 def _mbr_entries(sector: bytes) -> list[_MbrEntry]:
@@ -140,25 +129,34 @@ def _mbr_entries(sector: bytes) -> list[_MbrEntry]:
 
 
 def _mbr_entry(sector: bytes, offset: int) -> _MbrEntry:
-    entry: _MbrEntry = _MBR_ENTRY.unpack_from(sector, offset)
-    return entry
+    """Boot flag, type, first LBA, number of sectors (the CHS fields are skipped)."""
+    return (
+        sector[offset],
+        sector[offset + 4],
+        _le(sector, offset + 8, offset + 12),
+        _le(sector, offset + 12, offset + 16),
+    )
 
 
 def _u32(raw: bytes, offset: int) -> int:
-    value: tuple[int] = _U32.unpack_from(raw, offset)
-    return value[0]
+    return _le(raw, offset, offset + 4)
 
 
 def _gpt_entry(array: bytes, offset: int) -> tuple[int, int, bytes]:
     """First LBA, last LBA and name of the GPT entry at ``offset``."""
-    entry: tuple[int, int, bytes] = _GPT_ENTRY_REST.unpack_from(array, offset)
-    return entry
+    return (
+        _le(array, offset + 32, offset + 40),
+        _le(array, offset + 40, offset + 48),
+        array[offset + 56 : offset + 128],
+    )
 
 
 def _format_guid(raw: bytes, offset: int = 0) -> str:
     """The GUID at ``offset`` in canonical form (lower case)."""
-    fields: tuple[int, int, int, bytes] = _GPT_GUID_LE.unpack_from(raw, offset)
-    h = _GPT_GUID_BE.pack(*fields).hex()
+    # Mixed-endian: the first three fields little-endian, the last eight bytes
+    # as stored. Turned big-endian, one hex() gives the canonical digit order.
+    b = raw[offset : offset + 16]
+    h = (bytes((b[3], b[2], b[1], b[0], b[5], b[4], b[7], b[6])) + b[8:]).hex()
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
@@ -386,6 +384,28 @@ def _backup_is_intact(disk: _Disk, ss: int) -> bool:
 _Header = tuple[bytes, int, int, int, int, int, int, int, int, bytes, int, int, int, int]
 
 
+def _unpack_header(raw: bytes) -> _Header:
+    """Signature, revision, header size, header CRC, reserved, my LBA, alternate
+    LBA, first usable, last usable, disk GUID, entries LBA, entry count, entry
+    size, entries CRC: struct gpt_header's 92 bytes (efi.h)."""
+    return (
+        raw[0:8],
+        _le(raw, 8, 12),
+        _le(raw, 12, 16),
+        _le(raw, 16, 20),
+        _le(raw, 20, 24),
+        _le(raw, 24, 32),
+        _le(raw, 32, 40),
+        _le(raw, 40, 48),
+        _le(raw, 48, 56),
+        raw[56:72],
+        _le(raw, 72, 80),
+        _le(raw, 80, 84),
+        _le(raw, 84, 88),
+        _le(raw, 88, 92),
+    )
+
+
 def _gpt_header(disk: _Disk, ss: int, lba: int, last_lba: int) -> _Header:
     """Read the header at ``lba`` and validate it as efi.c is_gpt_valid() does."""
     # efi.c alloc_read_gpt_header()/read_lba(): one whole logical block, on the disk.
@@ -425,7 +445,7 @@ def _gpt_header(disk: _Disk, ss: int, lba: int, last_lba: int) -> _Header:
 
 def _check_header(raw: bytes, ss: int, lba: int) -> _Header:
     """efi.c is_gpt_valid() up to my_lba: signature, header size, CRC, position."""
-    header: _Header = _GPT_HEADER.unpack_from(raw)
+    header = _unpack_header(raw)
     signature, header_size, header_crc, my_lba = header[0], header[2], header[3], header[5]
     if signature != _GPT_SIGNATURE:
         raise _Invalid("no 'EFI PART' signature")
@@ -434,7 +454,7 @@ def _check_header(raw: bytes, ss: int, lba: int) -> _Header:
     if header_size < _GPT_HEADER_MIN:
         raise _Invalid(f"header size {header_size} is smaller than {_GPT_HEADER_MIN}")
     # The CRC covers header_size bytes with its own field taken as zero.
-    crc = zlib.crc32(raw[:16] + _ZERO_CRC + raw[20:header_size])
+    crc = _native.crc32(raw[:16] + _ZERO_CRC + raw[20:header_size])
     if crc != header_crc:
         raise _Invalid(f"header CRC32 is 0x{header_crc:08x}, computed 0x{crc:08x}")
     if my_lba != lba:
@@ -455,7 +475,7 @@ def _gpt_array(disk: _Disk, ss: int, header: _Header, last_lba: int) -> bytes:
         raise _Invalid(
             f"entry array at LBA {entries_lba} ({length} bytes) runs past the end of the device"
         )
-    crc = zlib.crc32(raw)
+    crc = _native.crc32(raw)
     if crc != entries_crc:
         raise _Invalid(f"entry array CRC32 is 0x{entries_crc:08x}, computed 0x{crc:08x}")
     return raw
