@@ -30,7 +30,7 @@ from images import MiB, gpt_image, make_image, sfdisk_4k
 
 import loopdev
 from loopdev import _native, errors
-from loopdev.errors import BackingFileError, DeviceNodeError, LoopError
+from loopdev.errors import BackingFileError, DeviceNodeError, LoopError, PartitionTableError
 
 
 def test_no_python_callback_from_c_on_the_default_path(tmp_path: Path, devices: None) -> None:
@@ -124,6 +124,54 @@ def test_compat_set_status_moves_partitions(tmp_path: Path, devices: None) -> No
         lo.set_status(offset=MiB)
         parts = [(p.number, p.start) for p in loopdev.open(lo.minor).partitions]
         assert parts == [(1, 2048 * 512), (2, 8192 * 512)]
+    finally:
+        lo.clear_fd()
+        lo.close()
+        ctl.close()
+        os.close(fd)
+
+
+def test_compat_set_status_refused_table_changes_nothing(tmp_path: Path, devices: None) -> None:
+    """A span that cuts a valid GPT short (a table the kernel would refuse there):
+    PartitionTableError, and the device keeps its span and its partitions."""
+    image = gpt_image(tmp_path / "g.img", 16 * MiB, ((1 * MiB, 2 * MiB), (4 * MiB, 8 * MiB)))
+    fd = os.open(image, os.O_RDWR | os.O_CLOEXEC)
+    ctl = loopdev.LoopControl()
+    lo = ctl.loop_for_fd(fd, autoclear=True, partscan=True)
+    try:
+        before = [(p.number, p.start, p.size) for p in loopdev.open(lo.minor).partitions]
+        assert len(before) == 2
+        with pytest.raises(PartitionTableError):
+            lo.set_status(sizelimit=6 * MiB)
+        assert lo.get_status().lo_sizelimit == 0
+        after = [(p.number, p.start, p.size) for p in loopdev.open(lo.minor).partitions]
+        assert after == before
+    finally:
+        lo.clear_fd()
+        lo.close()
+        ctl.close()
+        os.close(fd)
+
+
+def test_compat_set_status_with_a_partition_open_changes_nothing(
+    tmp_path: Path, devices: None
+) -> None:
+    """BLKPG deletes no partition while one is open: EBUSY before the status changes."""
+    image = gpt_image(tmp_path / "g.img", 16 * MiB, ((1 * MiB, 2 * MiB), (4 * MiB, 2 * MiB)))
+    fd = os.open(image, os.O_RDWR | os.O_CLOEXEC)
+    ctl = loopdev.LoopControl()
+    lo = ctl.loop_for_fd(fd, autoclear=True, partscan=True)
+    try:
+        parts = loopdev.open(lo.minor).partitions
+        held = os.open(parts[0].path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            with pytest.raises(OSError) as raised:
+                lo.set_status(sizelimit=12 * MiB)
+            assert raised.value.errno == errno.EBUSY
+            assert lo.get_status().lo_sizelimit == 0
+            assert loopdev.open(lo.minor).partitions == parts
+        finally:
+            os.close(held)
     finally:
         lo.clear_fd()
         lo.close()

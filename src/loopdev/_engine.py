@@ -626,19 +626,38 @@ def release_plain(dev_fd: int, index: int, bound: bool) -> None:
         raise _native.release_failed(err, index)
 
 
-def set_status(dev_fd: int, index: int, info: _native.LoopInfo, old_span: tuple[int, int]) -> None:
+def set_status(dev_fd: int, index: int, info: _native.LoopInfo, old: tuple[int, int, int]) -> None:
     """``LOOP_SET_STATUS64``; where the offset or size limit changed on a device with
-    partscan, its partitions are read again from the new span.
+    partscan, its partitions are read again from the new span. ``old``: the offset,
+    size limit and flags before.
 
     The kernel rescans only when partscan is newly turned on (loop_set_status
     in drivers/block/loop.c); partitions loopdev registered would otherwise
-    keep pointing at the old offsets.
+    keep pointing at the old offsets. All or nothing: the partitions go first
+    (BLKPG deletes none while one is open: EBUSY, and nothing has changed),
+    and a table refused at the new span puts the old span and its partitions
+    back before the error is raised. Only partscan stays on where this call
+    turned it on: the kernel clears no flag but autoclear.
     """
-    _native.set_status(dev_fd, info, device=device_path(index))
-    moved = (info.lo_offset, info.lo_sizelimit) != old_span
-    if moved and info.lo_flags & _native.LO_FLAGS_PARTSCAN:
+    device = device_path(index)
+    old_offset, old_sizelimit, old_flags = old
+    moved = (info.lo_offset, info.lo_sizelimit) != (old_offset, old_sizelimit)
+    if not (moved and info.lo_flags & _native.LO_FLAGS_PARTSCAN):
+        _native.set_status(dev_fd, info, device=device)
+        return
+    _native.delete_partitions(dev_fd, index)
+    changed = False
+    try:
         try:
-            _native.delete_partitions(dev_fd, index)
+            _native.set_status(dev_fd, info, device=device)
+            changed = True
             partitions.ensure_registered(dev_fd, index, None)
-        finally:
-            renew_nodes(index)  # the partitions have new minors, or are gone
+        except BaseException:
+            if changed:  # info is the caller's copy: it gets the old values back too
+                info.lo_offset, info.lo_sizelimit, info.lo_flags = old
+                _native.set_status(dev_fd, info, device=device)
+            if old_flags & _native.LO_FLAGS_PARTSCAN:
+                partitions.ensure_registered(dev_fd, index, None)
+            raise
+    finally:
+        renew_nodes(index)  # the partitions have new minors, or are gone

@@ -181,7 +181,7 @@ class Loop:
     ) -> None:
         """Change only what is not None; an offset or sizelimit of 0 leaves it unchanged."""
         info = self.get_status()
-        old_span = (info.lo_offset, info.lo_sizelimit)
+        old = (info.lo_offset, info.lo_sizelimit, info.lo_flags)
         if offset:
             info.lo_offset = offset
         if sizelimit:
@@ -193,7 +193,7 @@ class Loop:
         ):
             if wanted is not None:
                 info.lo_flags = (info.lo_flags | flag) if wanted else (info.lo_flags & ~flag)
-        _engine.set_status(self.fd, self.minor, info, old_span)
+        _engine.set_status(self.fd, self.minor, info, old)
 
     def configure(
         self,
