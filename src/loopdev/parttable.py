@@ -138,10 +138,6 @@ def _mbr_entry(sector: bytes, offset: int) -> _MbrEntry:
     )
 
 
-def _u32(raw: bytes, offset: int) -> int:
-    return _le(raw, offset, offset + 4)
-
-
 def _gpt_entry(array: bytes, offset: int) -> tuple[int, int, bytes]:
     """First LBA, last LBA and name of the GPT entry at ``offset``."""
     return (
@@ -607,7 +603,7 @@ def _read_mbr(disk: _Disk, mbr: bytes, entries: list[_MbrEntry], ss: int) -> Par
         parts.append(
             Partition(number, start * 512, length * 512, f"0x{ptype:02x}", None, None, bootable)
         )
-    disk_id = f"0x{_u32(mbr, 440):08x}"
+    disk_id = f"0x{_le(mbr, 440, 444):08x}"
     return PartitionTable("dos", ss, disk_id, tuple(parts), tuple(notes))
 
 
