@@ -148,14 +148,20 @@ def _two_signals(proc: subprocess.Popen[str], holder: subprocess.Popen[str]) -> 
     assert proc.stdout is not None and holder.stdin is not None
     fd = proc.stdout.fileno()  # read raw: select() must see what is not read yet
 
+    def done() -> bool:
+        return bool(select.select([fd], [], [], 0)[0])
+
     def napping_or_done() -> bool:
-        return _napping(proc.pid) or bool(select.select([fd], [], [], 0)[0])
+        return _napping(proc.pid) or done()
 
     try:
         for _ in range(2):
             assert poll(napping_or_done, 30), "the attach never napped"
-            if not _napping(proc.pid):
-                break  # attached without waiting: another minor was freed meanwhile
+            # Not "not napping now": between two naps (a retry) the child is not in
+            # poll either, and a signal then is let in at the next nap. Only output
+            # says it attached without waiting (another minor was freed meanwhile).
+            if done():
+                break
             proc.send_signal(signal.SIGUSR1)
             assert _read_line(fd, 30) == "handled\n", "the handler did not run"
     finally:
